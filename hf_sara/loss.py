@@ -1,0 +1,95 @@
+"""The SARA alignment loss: symmetric Jensen-Shannon divergence between routing distributions (pure functions)."""
+
+from __future__ import annotations
+
+import torch
+
+from .layers import LayerSelection, resolve_layers
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """
+    Symmetric Jensen-Shannon divergence over the last dimension, in nats.
+
+    `JS(P || Q) = 1/2 KL(P || M) + 1/2 KL(Q || M)` with `M = (P + Q) / 2`. Computed in fp32 whatever the input dtype.
+    `eps` is added inside the logarithms only, so the result is finite (and has a finite gradient) when the inputs hold
+    zeros, it is exactly 0 when `p` equals `q`, and it stays within `[0, ln 2]`.
+
+    Args:
+        p (`torch.Tensor`):
+            Probability distributions over the last dimension.
+        q (`torch.Tensor`):
+            Probability distributions over the last dimension, broadcastable with `p`.
+        eps (`float`, *optional*, defaults to `1e-8`):
+            Smoothing inside the logarithms.
+
+    Returns:
+        `torch.Tensor`: the divergences, of the broadcast shape of `p` and `q` without the last dimension, in fp32.
+    """
+    p = p.float()
+    q = q.float()
+    log_m = torch.log(0.5 * (p + q) + eps)
+    kl_p = (p * (torch.log(p + eps) - log_m)).sum(dim=-1)
+    kl_q = (q * (torch.log(q + eps) - log_m)).sum(dim=-1)
+    return 0.5 * (kl_p + kl_q)
+
+
+def sara_alignment_loss(
+    distributions: torch.Tensor,
+    anchor_distributions: torch.Tensor,
+    has_anchor: torch.Tensor | None = None,
+    layers: LayerSelection = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The SARA loss: mean Jensen-Shannon divergence between each example's routing and its anchor's, over the aligned
+    layers and the examples that have an anchor.
+
+    Args:
+        distributions (`torch.Tensor` of shape `[batch, n_moe_layers, n_experts]`):
+            The examples' pooled routing distributions (see [`routing_distributions`]). Gradient flows into them.
+        anchor_distributions (`torch.Tensor` of shape `[batch, n_moe_layers, n_experts]`):
+            The anchors' pooled routing distributions. They are a target: they are detached, no gradient flows into
+            them. Rows of examples without an anchor may hold anything finite (zeros, say); they are masked out.
+        has_anchor (`torch.Tensor` of shape `[batch]`, *optional*):
+            Boolean mask of the examples that have an anchor. Defaults to all of them. Examples without one add
+            nothing to the loss and do not count in its mean.
+        layers (`str`, `int`, `Sequence[int]`, `tuple[float, float]` or `None`, *optional*):
+            The aligned layers, as indices along dimension 1 of `distributions` (MoE layers, not decoder layers); see
+            [`resolve_layers`] for the accepted forms. Defaults to the published band, layers 7..34 of 48 expressed as
+            fractions of depth.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the scalar loss (fp32), and the per-layer mean divergences of shape
+        `[n_selected_layers]` for logging. A batch with no anchored example gives a loss of exactly 0 whose gradient is
+        0.
+    """
+    if distributions.dim() != 3:
+        raise ValueError(
+            f"`distributions` must have shape [batch, n_moe_layers, n_experts], got {tuple(distributions.shape)}."
+        )
+    if anchor_distributions.shape != distributions.shape:
+        raise ValueError(
+            f"`anchor_distributions` has shape {tuple(anchor_distributions.shape)} but `distributions` has "
+            f"{tuple(distributions.shape)}: anchors must come from the same model, with one row per example."
+        )
+    batch_size, num_layers, _ = distributions.shape
+    if has_anchor is None:
+        weights = distributions.new_ones(batch_size, dtype=torch.float32)
+    else:
+        if has_anchor.shape != (batch_size,):
+            raise ValueError(f"`has_anchor` must have shape [{batch_size}], got {tuple(has_anchor.shape)}.")
+        weights = has_anchor.to(device=distributions.device, dtype=torch.float32)
+
+    selected = resolve_layers(layers, num_layers)
+    index = torch.tensor(selected, device=distributions.device)
+    anchors = anchor_distributions.detach().index_select(1, index)
+    # Rows without an anchor may hold zeros or garbage: replace them by the example itself, so their divergence is a
+    # finite 0 that the mask removes without NaN leaking into the gradient.
+    anchors = torch.where(
+        weights.bool()[:, None, None], anchors.float(), distributions.detach().index_select(1, index).float()
+    )
+    divergences = js_divergence(distributions.index_select(1, index), anchors)  # [batch, n_selected_layers]
+
+    num_anchored = weights.sum()
+    per_layer = (divergences * weights[:, None]).sum(dim=0) / num_anchored.clamp_min(1.0)
+    return per_layer.mean(), per_layer

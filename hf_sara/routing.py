@@ -1,0 +1,187 @@
+"""From router outputs to routing distributions: scoring rules, sequence segments and masked pooling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.activations import ACT2FN
+
+from .families import PROBABILITIES, SIGMOID, SOFTMAX
+
+
+def router_probabilities(scores: torch.Tensor, scoring: str) -> torch.Tensor:
+    """
+    Turns what a router outputs into a probability distribution over experts, in fp32.
+
+    The rule follows the family's own routing function (see [`hf_sara.families.scoring_function`]):
+
+    - `"softmax"` routers (Mixtral, Qwen-MoE, OLMoE, ...): the full softmax of the logits over all experts, not the
+      renormalised top-k weights.
+    - `"sigmoid"` routers (DeepSeek-V3 style, Llama 4): each expert's score is `sigmoid(logit)`, the value the router
+      weights a selected expert with; the scores are divided by their sum. A correction bias that some families add
+      for *selection* only is not part of the score, as in the families' own weighting.
+    - `"probabilities"`: the router output already is a distribution; it is renormalised to guard against rounding.
+    - any other name of an element-wise activation in `ACT2FN` (a config's `scoring_func`): the activation's scores,
+      divided by their sum.
+
+    Args:
+        scores (`torch.Tensor` of shape `[..., n_experts]`):
+            The recorded router output.
+        scoring (`str`):
+            The scoring function's name.
+
+    Returns:
+        `torch.Tensor`: fp32 distributions of the same shape, summing to 1 over the last dimension.
+    """
+    scores = scores.float()
+    if scoring == SOFTMAX:
+        return torch.softmax(scores, dim=-1)
+    if scoring == SIGMOID:
+        positive = torch.sigmoid(scores)
+    elif scoring == PROBABILITIES:
+        positive = scores.clamp_min(0.0)
+    elif scoring in ACT2FN:
+        positive = ACT2FN[scoring](scores)
+    else:
+        raise ValueError(
+            f"Unknown router scoring function {scoring!r}: expected 'softmax', 'sigmoid', 'probabilities' or the name "
+            "of an activation in transformers.activations.ACT2FN."
+        )
+    return positive / positive.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+@dataclass
+class TokenSegments:
+    """
+    Which flattened token belongs to which sequence, for pooling router outputs per sequence.
+
+    Router outputs are flattened batch-major, `[batch * seq_len, n_experts]` (row `b * seq_len + s`).
+
+    Attributes:
+        token_index (`torch.LongTensor` of shape `[n_pooled_tokens]`):
+            Flattened positions of the tokens that are pooled.
+        segment_of_token (`torch.LongTensor` of shape `[n_pooled_tokens]`):
+            The sequence each of those tokens belongs to, in `[0, num_segments)`.
+        counts (`torch.Tensor` of shape `[num_segments]`):
+            Number of pooled tokens per sequence, as fp32.
+        num_tokens (`int`):
+            `batch * seq_len`, the number of rows every router output must have.
+    """
+
+    token_index: torch.Tensor
+    segment_of_token: torch.Tensor
+    counts: torch.Tensor
+    num_tokens: int
+
+    @property
+    def num_segments(self) -> int:
+        return self.counts.shape[0]
+
+    def to(self, device: torch.device) -> TokenSegments:
+        return TokenSegments(
+            self.token_index.to(device), self.segment_of_token.to(device), self.counts.to(device), self.num_tokens
+        )
+
+
+def token_segments(
+    input_shape: tuple[int, int] | torch.Size,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> TokenSegments:
+    """
+    Works out the sequences of a batch and the tokens to pool for each.
+
+    Args:
+        input_shape (`tuple[int, int]`):
+            `(batch, seq_len)` of the batch.
+        attention_mask (`torch.Tensor` of shape `[batch, seq_len]`, *optional*):
+            1 for real tokens, 0 for padding. Padding is never pooled.
+        position_ids (`torch.Tensor` of shape `[batch, seq_len]`, *optional*):
+            For padding-free / packed batches: a new sequence starts wherever the position does not increase (a reset
+            to 0). Without it, each row is one sequence.
+        token_mask (`torch.Tensor` of shape `[batch, seq_len]`, *optional*):
+            Restricts pooling further (e.g. to prompt or completion tokens).
+        device (`torch.device`, *optional*):
+            Where to build the result.
+
+    Returns:
+        [`TokenSegments`]: one segment per row (or per packed sequence), in order.
+
+    Raises:
+        `ValueError`: when a row (or packed sequence) has no token left to pool.
+    """
+    batch_size, seq_len = int(input_shape[0]), int(input_shape[1])
+    pooled = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch_size, seq_len):
+            raise ValueError(
+                f"`attention_mask` must have shape [{batch_size}, {seq_len}] (a 2D padding mask), got "
+                f"{tuple(attention_mask.shape)}."
+            )
+        pooled &= attention_mask.to(device=pooled.device).bool()
+    if token_mask is not None:
+        pooled &= token_mask.to(device=pooled.device).bool()
+
+    if position_ids is None:
+        segment_ids = torch.arange(batch_size, device=pooled.device)[:, None].expand(batch_size, seq_len)
+    else:
+        position_ids = position_ids.to(pooled.device).expand(batch_size, seq_len)
+        starts = torch.ones_like(pooled)
+        starts[:, 1:] = position_ids[:, 1:] <= position_ids[:, :-1]
+        segment_ids = starts.flatten().cumsum(0).view(batch_size, seq_len) - 1
+
+    flat_pooled = pooled.flatten()
+    token_index = flat_pooled.nonzero().squeeze(-1)
+    segment_of_token = segment_ids.flatten()[token_index]
+    num_raw_segments = int(segment_ids.max().item()) + 1 if segment_ids.numel() else 0
+    raw_counts = torch.bincount(segment_of_token, minlength=num_raw_segments)
+    if position_ids is None:
+        empty = (raw_counts == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"Row(s) {empty} of the batch have no token to pool (all padding, or all masked out by the pooling "
+                "choice). Drop empty examples, or pool over all real tokens."
+            )
+        counts = raw_counts
+    else:
+        # Segments made only of padding (padding-free batches have none, padded ones may) are dropped; the others are
+        # renumbered 0..n-1 in order.
+        kept = raw_counts > 0
+        renumber = kept.long().cumsum(0) - 1
+        segment_of_token = renumber[segment_of_token]
+        counts = raw_counts[kept]
+    return TokenSegments(token_index, segment_of_token, counts.float(), batch_size * seq_len)
+
+
+def pool_routing(scores: torch.Tensor, scoring: str, segments: TokenSegments) -> torch.Tensor:
+    """
+    Masked mean, per sequence, of the router's distribution over experts.
+
+    Only the pooled tokens are scored, so padding costs nothing; autograd keeps the fp32 probabilities of those tokens
+    (what the softmax backward needs) and an index, never the full-batch logits of every layer.
+
+    Args:
+        scores (`torch.Tensor` of shape `[batch * seq_len, n_experts]` or `[batch, seq_len, n_experts]`):
+            One router's recorded output for the batch.
+        scoring (`str`):
+            The router's scoring function, see [`router_probabilities`].
+        segments ([`TokenSegments`]):
+            The batch's sequences, see [`token_segments`].
+
+    Returns:
+        `torch.Tensor` of shape `[num_segments, n_experts]`, fp32: one distribution per sequence.
+    """
+    scores = scores.reshape(-1, scores.shape[-1])
+    if scores.shape[0] != segments.num_tokens:
+        raise ValueError(
+            f"A router returned {scores.shape[0]} rows for a batch of {segments.num_tokens} tokens. hf_sara expects "
+            "router outputs flattened batch-major, [batch * seq_len, n_experts]; this family lays them out "
+            "differently and is not supported."
+        )
+    probabilities = router_probabilities(scores.index_select(0, segments.token_index), scoring)
+    sums = probabilities.new_zeros(segments.num_segments, probabilities.shape[-1])
+    sums = sums.index_add(0, segments.segment_of_token, probabilities)
+    return sums / segments.counts[:, None]
