@@ -181,13 +181,16 @@ def routing_distributions(
         token_mask (`torch.Tensor` of shape `[batch, seq_len]`, *optional*):
             Restricts which real tokens are pooled (e.g. only the prompt). Not passed to the model.
         **kwargs:
-            Passed to the model's forward.
+            Passed to the model's forward (`use_cache` defaults to `False`).
 
     Returns:
         `torch.Tensor` of shape `[num_sequences, n_moe_layers, n_experts]`, fp32, rows summing to 1.
     """
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
+    # No KV cache: it is useless here, and transformers only recognises packed sequences from `position_ids` when no
+    # cache is passed, so with one a packed row would silently attend across its sequences.
+    kwargs.setdefault("use_cache", False)
     with capture_routing(model, input_ids.shape, attention_mask, position_ids, token_mask) as capture:
         model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return capture.distributions()

@@ -31,7 +31,9 @@ COMMON = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+_MLA = dict(
+    num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8
+)
 
 
 @dataclass(frozen=True)
