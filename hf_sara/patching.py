@@ -19,7 +19,6 @@ from .layers import LayerSelection, resolve_layers
 logger = logging.get_logger(__name__)
 
 STATE_ATTRIBUTE = "_hf_sara_routing"
-_HOOK_MARKER = "_hf_sara_router_hook"
 # Names of the modules the fallback accepts as routers, for models that declare none.
 FALLBACK_ROUTER_NAMES = ("gate", "router")
 # Path parts that PEFT inserts around a wrapped module; the hook goes on the outermost wrapper, whose output is the
@@ -56,13 +55,17 @@ class RouterSite:
 
 
 class RoutingState:
-    """What `patch_model` attaches to a model: its router sites, hook handles and the capture in progress, if any."""
+    """
+    What `patch_model` attaches to a model: its router sites and the capture in progress, if any.
+
+    The hooks reach it through their own reference, so a `copy.deepcopy` of a patched model (a reference model, say)
+    gets hooks that point at the copy's state.
+    """
 
     def __init__(self, sites: list[RouterSite], captured_layers: list[int], num_moe_layers: int):
         self.sites = sites
         self.captured_layers = captured_layers
         self.num_moe_layers = num_moe_layers
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.active: Any = None
 
     @property
@@ -225,21 +228,25 @@ def get_routing_state(model: nn.Module) -> RoutingState | None:
     return None
 
 
-def _make_hook(state: RoutingState, layer: int, site: RouterSite):
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        capture = state.active
+class RouterHook:
+    """The forward hook on one router: hands the router's scores to the open capture, if there is one."""
+
+    def __init__(self, state: RoutingState, layer: int, site: RouterSite):
+        self.state = state
+        self.layer = layer
+        self.site = site
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        capture = self.state.active
         if capture is None:  # no capture open: inference, generation, or a checkpoint's backward recomputation
             return
-        if site.output_index is None:
+        if self.site.output_index is None:
             scores = F.linear(args[0], module.weight, getattr(module, "bias", None))
         elif isinstance(output, torch.Tensor):
             scores = output
         else:
-            scores = output[site.output_index]
-        capture.record(layer, scores, site)
-
-    setattr(hook, _HOOK_MARKER, True)
-    return hook
+            scores = output[self.site.output_index]
+        capture.record(self.layer, scores, self.site)
 
 
 def patch_model(model: nn.Module, layers: LayerSelection = "all") -> nn.Module:
@@ -279,8 +286,7 @@ def patch_model(model: nn.Module, layers: LayerSelection = "all") -> nn.Module:
 
     state = RoutingState(sites, captured, len(sites))
     for layer, site in enumerate(state.captured_sites):
-        module = model.get_submodule(site.name)
-        state.handles.append(module.register_forward_hook(_make_hook(state, layer, site)))
+        model.get_submodule(site.name).register_forward_hook(RouterHook(state, layer, site))
     setattr(model, STATE_ATTRIBUTE, state)
     logger.info(
         f"hf_sara: hooked {len(captured)} of {len(sites)} MoE routers of {type(model).__name__} "
@@ -300,13 +306,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     Returns:
         `torch.nn.Module`: the same model, as it was before patching.
     """
-    state = get_routing_state(model)
-    if state is not None:
-        for handle in state.handles:
-            handle.remove()
     for module in model.modules():
         for key, hook in list(module._forward_hooks.items()):
-            if getattr(hook, _HOOK_MARKER, False):
+            if isinstance(hook, RouterHook):
                 del module._forward_hooks[key]
         if STATE_ATTRIBUTE in module.__dict__:
             delattr(module, STATE_ATTRIBUTE)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -13,7 +15,7 @@ from hf_sara import (
     sara_alignment_loss,
     unpatch_model,
 )
-from hf_sara.patching import STATE_ATTRIBUTE
+from hf_sara.patching import STATE_ATTRIBUTE, RouterHook
 
 from .testing_utils import NUM_EXPERTS, random_batch, tiny_model
 
@@ -28,7 +30,7 @@ def _reference(model, input_ids, attention_mask):
 
 
 def _our_hooks(model):
-    return [h for m in model.modules() for h in m._forward_hooks.values() if getattr(h, "_hf_sara_router_hook", 0)]
+    return [h for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, RouterHook)]
 
 
 class TestPatchModel:
@@ -57,6 +59,20 @@ class TestPatchModel:
         assert {name: dict(m._forward_hooks) for name, m in model.named_modules()} == hooks_before
         assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes_before
         assert not is_patched(model)
+
+    def test_deep_copy_of_a_patched_model_captures_its_own_routing(self):
+        model = patch_model(tiny_model("qwen3_moe"))
+        copy_ = copy.deepcopy(model)
+        with torch.no_grad():
+            copy_.model.layers[0].mlp.gate.weight.mul_(3.0)  # the copy now routes differently
+        input_ids, attention_mask = random_batch()
+        with torch.no_grad():
+            torch.testing.assert_close(
+                routing_distributions(copy_, input_ids, attention_mask), _reference(copy_, input_ids, attention_mask)
+            )
+            torch.testing.assert_close(
+                routing_distributions(model, input_ids, attention_mask), _reference(model, input_ids, attention_mask)
+            )
 
     def test_dense_model_is_refused_with_its_class_name(self):
         config = LlamaConfig(
