@@ -2,25 +2,33 @@
 
 __version__ = "0.1.0.dev0"
 
+from .anchors import compute_anchor_distributions, load_anchor_distributions, save_anchor_distributions
 from .capture import RoutingCapture, capture_routing, routing_distributions
+from .config import SARAConfig
 from .layers import DEFAULT_LAYERS, PUBLISHED_BAND, resolve_layers
 from .loss import js_divergence, sara_alignment_loss
 from .patching import RouterSite, find_routers, is_patched, patch_model, unpatch_model
 from .routing import router_probabilities
+from .trainer import SARATrainer
 
 __all__ = [
     "DEFAULT_LAYERS",
     "PUBLISHED_BAND",
     "RouterSite",
     "RoutingCapture",
+    "SARAConfig",
+    "SARATrainer",
     "capture_routing",
+    "compute_anchor_distributions",
     "find_routers",
     "is_patched",
     "js_divergence",
+    "load_anchor_distributions",
     "patch_model",
     "resolve_layers",
     "router_probabilities",
     "routing_distributions",
+    "save_anchor_distributions",
     "sara_alignment_loss",
     "unpatch_model",
 ]

@@ -105,6 +105,7 @@ def capture_routing(
     position_ids: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
     keep_scores: bool = False,
+    sequence_ids: torch.Tensor | None = None,
 ) -> Iterator[RoutingCapture]:
     """
     Opens a routing capture around one forward of a patched model.
@@ -131,6 +132,9 @@ def capture_routing(
             `[batch, seq_len]` mask restricting which real tokens are pooled.
         keep_scores (`bool`, *optional*, defaults to `False`):
             Also keep each router's per-token output, see [`RoutingCapture.scores`].
+        sequence_ids (`torch.LongTensor`, *optional*):
+            `[batch, seq_len]` explicit sequence membership (-1 for padding), see [`token_segments`]; the id of each
+            returned distribution's sequence is then `capture.segments.sequence_of_segment`.
 
     Yields:
         [`RoutingCapture`]: whose `distributions()` is ready once the forward has run.
@@ -143,8 +147,8 @@ def capture_routing(
         )
     if state.active is not None:
         raise RuntimeError("A routing capture is already open on this model; captures cannot be nested.")
-    device = attention_mask.device if attention_mask is not None else None
-    segments = token_segments(input_shape, attention_mask, position_ids, token_mask, device=device)
+    device = next((t.device for t in (attention_mask, sequence_ids, position_ids) if t is not None), None)
+    segments = token_segments(input_shape, attention_mask, position_ids, token_mask, device, sequence_ids)
     capture = RoutingCapture(segments, len(state.captured_layers), state.captured_sites, keep_scores)
     state.active = capture
     try:

@@ -67,12 +67,15 @@ class TokenSegments:
             Number of pooled tokens per sequence, as fp32.
         num_tokens (`int`):
             `batch * seq_len`, the number of rows every router output must have.
+        sequence_of_segment (`torch.LongTensor` of shape `[num_segments]`, *optional*):
+            With explicit `sequence_ids`: the id of each segment's sequence.
     """
 
     token_index: torch.Tensor
     segment_of_token: torch.Tensor
     counts: torch.Tensor
     num_tokens: int
+    sequence_of_segment: torch.Tensor | None = None
 
     @property
     def num_segments(self) -> int:
@@ -80,7 +83,11 @@ class TokenSegments:
 
     def to(self, device: torch.device) -> TokenSegments:
         return TokenSegments(
-            self.token_index.to(device), self.segment_of_token.to(device), self.counts.to(device), self.num_tokens
+            self.token_index.to(device),
+            self.segment_of_token.to(device),
+            self.counts.to(device),
+            self.num_tokens,
+            None if self.sequence_of_segment is None else self.sequence_of_segment.to(device),
         )
 
 
@@ -90,6 +97,7 @@ def token_segments(
     position_ids: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
     device: torch.device | None = None,
+    sequence_ids: torch.Tensor | None = None,
 ) -> TokenSegments:
     """
     Works out the sequences of a batch and the tokens to pool for each.
@@ -106,6 +114,10 @@ def token_segments(
             Restricts pooling further (e.g. to prompt or completion tokens).
         device (`torch.device`, *optional*):
             Where to build the result.
+        sequence_ids (`torch.LongTensor` of shape `[batch, seq_len]`, *optional*):
+            Explicit sequence membership, as trainers know it: each run of equal ids in a row is one sequence, and -1
+            marks tokens that belong to none (padding). Takes precedence over `position_ids`; sequences left with no
+            token to pool are dropped, and `sequence_of_segment` gives the id of each one kept.
 
     Returns:
         [`TokenSegments`]: one segment per row (or per packed sequence), in order.
@@ -125,7 +137,13 @@ def token_segments(
     if token_mask is not None:
         pooled &= token_mask.to(device=pooled.device).bool()
 
-    if position_ids is None:
+    if sequence_ids is not None:
+        sequence_ids = sequence_ids.to(pooled.device)
+        pooled &= sequence_ids >= 0
+        starts = torch.ones_like(pooled)
+        starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+        segment_ids = starts.flatten().cumsum(0).view(batch_size, seq_len) - 1
+    elif position_ids is None:
         segment_ids = torch.arange(batch_size, device=pooled.device)[:, None].expand(batch_size, seq_len)
     else:
         position_ids = position_ids.to(pooled.device).expand(batch_size, seq_len)
@@ -138,7 +156,8 @@ def token_segments(
     segment_of_token = segment_ids.flatten()[token_index]
     num_raw_segments = int(segment_ids.max().item()) + 1 if segment_ids.numel() else 0
     raw_counts = torch.bincount(segment_of_token, minlength=num_raw_segments)
-    if position_ids is None:
+    sequence_of_segment = None
+    if position_ids is None and sequence_ids is None:
         empty = (raw_counts == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(
@@ -151,9 +170,13 @@ def token_segments(
         # renumbered 0..n-1 in order.
         kept = raw_counts > 0
         renumber = kept.long().cumsum(0) - 1
+        if sequence_ids is not None:
+            first_token = torch.zeros(num_raw_segments, dtype=torch.long, device=pooled.device)
+            first_token.scatter_reduce_(0, segment_of_token, token_index, reduce="amin", include_self=False)
+            sequence_of_segment = sequence_ids.flatten()[first_token[kept]]
         segment_of_token = renumber[segment_of_token]
         counts = raw_counts[kept]
-    return TokenSegments(token_index, segment_of_token, counts.float(), batch_size * seq_len)
+    return TokenSegments(token_index, segment_of_token, counts.float(), batch_size * seq_len, sequence_of_segment)
 
 
 def pool_routing(scores: torch.Tensor, scoring: str, segments: TokenSegments) -> torch.Tensor:

@@ -208,3 +208,129 @@ def random_batch(batch_size: int = 3, seq_len: int = 9, seed: int = 0) -> tuple[
 def router_parameters(model: torch.nn.Module, site_name: str) -> list[torch.nn.Parameter]:
     """The trainable parameters of one router."""
     return [p for p in model.get_submodule(site_name).parameters() if p.requires_grad]
+
+
+# Trainer tests: a tokenizer trained on the shipped pairs, a tiny Qwen3-MoE sized for it, the pairs in every format.
+
+DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
+PAIRS_FILE = os.path.join(DATA_DIR, "pairs.jsonl")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|assistant|>{% generation %}{{ message['content'] }}<|end|>"
+    "{% endgeneration %}"
+    "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+
+
+def load_pairs():
+    """The shipped pairs as a `datasets.Dataset` (prompt/completion, anchor_prompt/anchor_completion, language)."""
+    from datasets import load_dataset
+
+    return load_dataset("json", data_files=PAIRS_FILE, split="train")
+
+
+_TOKENIZER = None
+
+
+def pairs_tokenizer():
+    """A byte-level BPE tokenizer trained on the shipped pairs, with a chat template that marks assistant turns."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        pairs = load_pairs()
+        texts = [
+            text for column in ("prompt", "completion", "anchor_prompt", "anchor_completion") for text in pairs[column]
+        ]
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        tokenizer.train_from_iterator(texts, trainer)
+        _TOKENIZER = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
+        _TOKENIZER.chat_template = CHAT_TEMPLATE
+    return _TOKENIZER
+
+
+def pairs_model(seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A tiny Qwen3-MoE whose vocabulary fits `pairs_tokenizer()`."""
+    tokenizer = pairs_tokenizer()
+    extra = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    extra.update(overrides)
+    return tiny_model("qwen3_moe", seed=seed, **extra).train()
+
+
+def pairs_in_format(dataset_format: str):
+    """The shipped pairs converted to one of SFTTrainer's dataset formats, on both sides."""
+    pairs = load_pairs()
+    if dataset_format == "prompt_completion":
+        return pairs
+    if dataset_format == "conversational_prompt_completion":
+
+        def convert(row):
+            return {
+                "prompt": [{"role": "user", "content": row["prompt"]}],
+                "completion": [{"role": "assistant", "content": row["completion"].strip()}],
+                "anchor_prompt": [{"role": "user", "content": row["anchor_prompt"]}],
+                "anchor_completion": [{"role": "assistant", "content": row["anchor_completion"].strip()}],
+            }
+    elif dataset_format == "messages":
+
+        def convert(row):
+            return {
+                "messages": [
+                    {"role": "user", "content": row["prompt"]},
+                    {"role": "assistant", "content": row["completion"].strip()},
+                ],
+                "anchor_messages": [
+                    {"role": "user", "content": row["anchor_prompt"]},
+                    {"role": "assistant", "content": row["anchor_completion"].strip()},
+                ],
+            }
+    elif dataset_format == "text":
+
+        def convert(row):
+            return {
+                "text": row["prompt"] + row["completion"],
+                "anchor_text": row["anchor_prompt"] + row["anchor_completion"],
+            }
+    else:
+        raise ValueError(dataset_format)
+    columns = ["prompt", "completion", "anchor_prompt", "anchor_completion"]
+    converted = pairs.map(convert)
+    if dataset_format != "conversational_prompt_completion":
+        converted = converted.remove_columns(columns)
+    return converted
+
+
+def sara_config(output_dir: str, **overrides: Any):
+    """A SARAConfig for quick, deterministic CPU runs."""
+    from hf_sara import SARAConfig
+
+    values = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        data_seed=0,
+        save_strategy="no",
+        max_length=64,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        sara_layers="all",
+    )
+    values.update(overrides)
+    return SARAConfig(**values)

@@ -1,0 +1,137 @@
+"""Paired batches: the trainer's own collator for the examples, plus the sequence ids and, when needed, the anchors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from .data import ROW_COLUMN, TOKEN_ROWS_COLUMN
+
+SEQUENCE_IDS_KEY = "sara_sequence_ids"
+ANCHOR_KEY_PREFIX = "sara_anchor__"  # anchor batch tensors, e.g. "sara_anchor__input_ids"
+ANCHOR_SEQUENCE_IDS_KEY = ANCHOR_KEY_PREFIX + SEQUENCE_IDS_KEY
+
+
+class AnchorStore:
+    """
+    The prepared (tokenized) anchors of every dataset a trainer prepared, and per-row metadata, by global row id.
+
+    Row ids are global across datasets: each prepared dataset gets the next range of ids.
+    """
+
+    def __init__(self):
+        self.num_rows = 0
+        self.tables: dict[str, Dataset] = {}
+        self.offsets: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+        self.fingerprints: dict[str, str] = {}
+        self._position: dict[int, tuple[str, int]] = {}
+        self.languages: list[str] = []
+        self.language_of_row: list[int] = []
+
+    def reserve(self, name: str, size: int, fingerprint: str) -> int:
+        """Reserves `size` row ids for dataset `name`, returning the first."""
+        if name in self.offsets:
+            name = f"{name}_{len(self.offsets)}"
+        offset = self.num_rows
+        self.offsets[name], self.sizes[name], self.fingerprints[name] = offset, size, fingerprint
+        self.num_rows += size
+        self.language_of_row.extend([-1] * size)
+        return offset
+
+    def add(self, name: str, anchors: Dataset, languages: list[str | None] | None = None) -> None:
+        """Registers the prepared anchors of dataset `name` (their `sara_row` column holds global row ids)."""
+        self.tables[name] = anchors
+        for position, row in enumerate(anchors[ROW_COLUMN]):
+            self._position[row] = (name, position)
+        if languages is not None:
+            offset = self.offsets[name]
+            for index, language in enumerate(languages):
+                if language is None:
+                    continue
+                if language not in self.languages:
+                    self.languages.append(language)
+                self.language_of_row[offset + index] = self.languages.index(language)
+
+    def has_anchor(self, row: int) -> bool:
+        return row in self._position
+
+    def anchor(self, row: int) -> dict[str, Any]:
+        name, position = self._position[row]
+        return self.tables[name][position]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"offsets": self.offsets, "sizes": self.sizes, "fingerprints": self.fingerprints}
+
+
+def _sequence_ids(rows: list[list[int]], width: int, padding_free: bool) -> torch.Tensor:
+    """Per-token row ids laid out like the collator lays out `input_ids` (right padding, -1 for padding)."""
+    if padding_free:
+        flat = [row for sequence in rows for row in sequence]
+        ids = torch.full((1, width), -1, dtype=torch.long)
+        ids[0, : len(flat)] = torch.tensor(flat, dtype=torch.long)
+        return ids
+    ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    for index, sequence in enumerate(rows):
+        ids[index, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return ids
+
+
+class SARADataCollator:
+    """
+    Wraps the trainer's own collator (`DataCollatorForLanguageModeling`, padding-free or not) into a paired one.
+
+    For each batch it adds:
+
+    - `sara_sequence_ids` (`[batch, seq_len]`): the global row id of every token, -1 for padding, laid out like
+      `input_ids` (for padding-free and packed batches, runs of equal ids are the sequences);
+    - with `collate_anchors=True`, the batch of the examples' anchors, collated by the same collator, under keys
+      `sara_anchor__<name>` (including their own `sara_anchor__sara_sequence_ids`).
+
+    Args:
+        collator (`Callable`):
+            The collator to wrap.
+        store ([`AnchorStore`]):
+            The prepared anchors.
+        padding_free (`bool`):
+            Whether `collator` concatenates a batch into one row.
+        collate_anchors (`bool`):
+            Whether to add the anchors' batch (online anchors, or an SFT loss on the anchors).
+    """
+
+    def __init__(self, collator: Callable, store: AnchorStore, padding_free: bool, collate_anchors: bool):
+        self.collator = collator
+        self.store = store
+        self.padding_free = padding_free
+        self.collate_anchors = collate_anchors
+
+    def _token_rows(self, examples: list[dict[str, Any]]) -> list[list[int]]:
+        if TOKEN_ROWS_COLUMN in examples[0]:
+            return [list(example[TOKEN_ROWS_COLUMN]) for example in examples]
+        return [[example[ROW_COLUMN]] * len(example["input_ids"]) for example in examples]
+
+    def _collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        token_rows = self._token_rows(examples)
+        ours = (ROW_COLUMN, TOKEN_ROWS_COLUMN)
+        stripped = [{key: value for key, value in example.items() if key not in ours} for example in examples]
+        batch = self.collator(stripped)
+        batch[SEQUENCE_IDS_KEY] = _sequence_ids(token_rows, batch["input_ids"].shape[1], self.padding_free)
+        return batch
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if ROW_COLUMN not in examples[0] and TOKEN_ROWS_COLUMN not in examples[0]:
+            raise ValueError(
+                f"SARADataCollator got examples without a `{ROW_COLUMN}` column: the dataset was not prepared by "
+                "SARATrainer (do not pass `dataset_kwargs={'skip_prepare_dataset': True}` with SARA)."
+            )
+        batch = self._collate(examples)
+        if self.collate_anchors:
+            rows = sorted(set(batch[SEQUENCE_IDS_KEY][batch[SEQUENCE_IDS_KEY] >= 0].tolist()))
+            anchors = [self.store.anchor(row) for row in rows if self.store.has_anchor(row)]
+            if anchors:
+                anchor_batch = self._collate(anchors)
+                batch.update({ANCHOR_KEY_PREFIX + key: value for key, value in anchor_batch.items()})
+        return batch

@@ -1,0 +1,136 @@
+"""`SARAConfig`: TRL's `SFTConfig` plus the SARA settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from .layers import DEFAULT_LAYERS
+
+ANCHOR_MODES = ("offline", "online")
+POOLING_MODES = ("all", "prompt", "completion")
+
+
+@dataclass
+class SARAConfig(SFTConfig):
+    r"""
+    Configuration class for the [`SARATrainer`].
+
+    Holds every [`~trl.SFTConfig`] argument, plus the settings of the SARA routing alignment. The defaults are the
+    published ones (Qwen3-30B-A3B and Phi-3.5-MoE-instruct need no change).
+
+    Parameters:
+        sara_weight (`float`, *optional*, defaults to `1.5`):
+            Weight `lambda_SARA` of the Jensen-Shannon alignment loss added to the SFT loss (published: 1.5, swept
+            0.5..2.0). With `0.0` the trainer trains exactly like `SFTTrainer` and only logs the divergence.
+        sara_layers (`str`, *optional*, defaults to `"0.15-0.71"`):
+            The aligned MoE layers: indices (`"7,9"`), inclusive ranges (`"7-34"`), fractions of depth
+            (`"0.15-0.71"`), or `"all"`. Indices count MoE layers, not decoder layers. The default is the published
+            band, layers 7..34 of Qwen3-30B-A3B's 48, as fractions of depth.
+        sara_anchor_mode (`str`, *optional*, defaults to `"offline"`):
+            `"offline"`: the anchors' routing is computed once, with the model as it is before training, and cached
+            (as published). `"online"`: it is recomputed with the current model at each step, without gradient.
+        sara_anchor_path (`str` or `None`, *optional*, defaults to `None`):
+            Offline mode: a safetensors file of anchor distributions made by [`compute_anchor_distributions`] (or by
+            an earlier run) to use instead of computing them. When `None`, they are computed at the start of training
+            and cached as `sara_anchors.safetensors` in `output_dir`.
+        sara_warmup_ratio (`float`, *optional*, defaults to `0.0`):
+            Fraction of the training steps over which the alignment weight rises linearly from 0 to `sara_weight` (a
+            curriculum). 0 applies the full weight from the first step.
+        sara_pooling (`str`, *optional*, defaults to `"all"`):
+            Which real tokens are pooled into an example's routing distribution: `"all"` (prompt and response, as
+            published), `"prompt"` (tokens left out of the SFT loss) or `"completion"` (tokens in the SFT loss).
+        anchor_prefix (`str`, *optional*, defaults to `"anchor_"`):
+            Prefix of the dataset columns that hold the anchor: `anchor_prompt`/`anchor_completion`,
+            `anchor_messages` or `anchor_text`.
+        anchor_sft_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of an SFT loss on the anchor example itself, added to the loss. 0 (published) trains on the
+            low-resource examples only.
+    """
+
+    sara_weight: float = field(
+        default=1.5,
+        metadata={
+            "help": "Weight of the Jensen-Shannon alignment loss added to the SFT loss (published: 1.5, swept "
+            "0.5..2.0). With 0.0 the trainer trains exactly like SFTTrainer and only logs the divergence."
+        },
+    )
+    sara_layers: str = field(
+        default=DEFAULT_LAYERS,
+        metadata={
+            "help": "The aligned MoE layers: indices ('7,9'), inclusive ranges ('7-34'), fractions of depth "
+            "('0.15-0.71'), or 'all'. Indices count MoE layers, not decoder layers. The default is the published "
+            "band, layers 7..34 of Qwen3-30B-A3B's 48, as fractions of depth."
+        },
+    )
+    sara_anchor_mode: str = field(
+        default="offline",
+        metadata={
+            "help": "'offline': the anchors' routing is computed once, with the model as it is before training, and "
+            "cached (as published). 'online': it is recomputed with the current model at each step, without "
+            "gradient.",
+            "choices": list(ANCHOR_MODES),
+        },
+    )
+    sara_anchor_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Offline mode: a safetensors file of anchor distributions made by compute_anchor_distributions "
+            "(or by an earlier run) to use instead of computing them. When None, they are computed at the start of "
+            "training and cached as sara_anchors.safetensors in output_dir."
+        },
+    )
+    sara_warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of the training steps over which the alignment weight rises linearly from 0 to "
+            "sara_weight (a curriculum). 0 applies the full weight from the first step."
+        },
+    )
+    sara_pooling: str = field(
+        default="all",
+        metadata={
+            "help": "Which real tokens are pooled into an example's routing distribution: 'all' (prompt and "
+            "response, as published), 'prompt' (tokens left out of the SFT loss) or 'completion' (tokens in the SFT "
+            "loss).",
+            "choices": list(POOLING_MODES),
+        },
+    )
+    anchor_prefix: str = field(
+        default="anchor_",
+        metadata={
+            "help": "Prefix of the dataset columns that hold the anchor: anchor_prompt/anchor_completion, "
+            "anchor_messages or anchor_text."
+        },
+    )
+    anchor_sft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of an SFT loss on the anchor example itself, added to the loss. 0 (published) trains on "
+            "the low-resource examples only."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sara_weight < 0:
+            raise ValueError(f"`sara_weight` must be >= 0, got {self.sara_weight}.")
+        if self.sara_anchor_mode not in ANCHOR_MODES:
+            raise ValueError(f"`sara_anchor_mode` must be one of {ANCHOR_MODES}, got {self.sara_anchor_mode!r}.")
+        if self.sara_pooling not in POOLING_MODES:
+            raise ValueError(f"`sara_pooling` must be one of {POOLING_MODES}, got {self.sara_pooling!r}.")
+        if not 0.0 <= self.sara_warmup_ratio <= 1.0:
+            raise ValueError(f"`sara_warmup_ratio` must lie in [0, 1], got {self.sara_warmup_ratio}.")
+        if self.anchor_sft_weight < 0:
+            raise ValueError(f"`anchor_sft_weight` must be >= 0, got {self.anchor_sft_weight}.")
+        if not self.anchor_prefix:
+            raise ValueError("`anchor_prefix` must be a non-empty string, such as 'anchor_'.")
+        if self.packing and self.packing_strategy == "wrapped":
+            raise ValueError(
+                "`packing_strategy='wrapped'` cuts examples at arbitrary points, so an example's routing can no "
+                "longer be paired with its anchor's. Use `packing_strategy='bfd'` or `'bfd_split'`, or "
+                "`padding_free=True`."
+            )
+        if self.sara_anchor_path is not None and self.sara_anchor_mode != "offline":
+            raise ValueError("`sara_anchor_path` gives offline anchors; set `sara_anchor_mode='offline'` to use it.")

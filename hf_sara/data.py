@@ -1,0 +1,156 @@
+"""Paired datasets: an example in any format `SFTTrainer` accepts, and its anchor in the same format under a prefix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from datasets import Dataset
+from trl.data_utils import is_conversational
+
+# Columns that hf_sara adds to the datasets it prepares; they survive `Trainer`'s column removal.
+ROW_COLUMN = "sara_row"  # global id of the example's row (one id space across train and eval datasets)
+TOKEN_ROWS_COLUMN = "sara_token_rows"  # packed datasets: the row id of every token
+LANGUAGE_COLUMN = "language"
+
+
+@dataclass(frozen=True)
+class PairedFormat:
+    """
+    The dataset format of a paired dataset.
+
+    Attributes:
+        fields (`tuple[str, ...]`):
+            The example's columns, e.g. `("prompt", "completion")`, `("messages",)`, `("text",)` or, for datasets
+            that are already tokenized, `("input_ids",)` (with `labels`/`completion_mask` carried along).
+        anchor_prefix (`str`):
+            The prefix of the anchor's columns.
+        extra_fields (`tuple[str, ...]`):
+            Optional columns that travel with each side when present (e.g. `labels` of tokenized datasets).
+    """
+
+    fields: tuple[str, ...]
+    anchor_prefix: str
+    extra_fields: tuple[str, ...] = ()
+
+    @property
+    def example_columns(self) -> list[str]:
+        return [*self.fields, *self.extra_fields]
+
+    @property
+    def anchor_columns(self) -> list[str]:
+        return [self.anchor_prefix + name for name in self.example_columns]
+
+
+def _formats(text_field: str) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    return [
+        (("input_ids",), ("labels", "completion_mask", "assistant_masks")),
+        (("prompt", "completion"), ()),
+        (("messages",), ()),
+        ((text_field,), ()),
+    ]
+
+
+def detect_paired_format(column_names: list[str], anchor_prefix: str, text_field: str = "text") -> PairedFormat:
+    """
+    Works out the format of a paired dataset from its columns, and checks that the anchor uses the same one.
+
+    Args:
+        column_names (`list[str]`):
+            The dataset's columns.
+        anchor_prefix (`str`):
+            The prefix of the anchor's columns (`SARAConfig.anchor_prefix`).
+        text_field (`str`, *optional*, defaults to `"text"`):
+            The language-modeling text column (`SFTConfig.dataset_text_field`).
+
+    Returns:
+        [`PairedFormat`]
+
+    Raises:
+        `ValueError`: naming the columns and the fix, when the example's format is unknown, the anchor columns are
+        missing or incomplete, or the anchor's format differs from the example's.
+    """
+    columns = set(column_names)
+    anchor_columns = {name for name in columns if name.startswith(anchor_prefix)}
+    example_columns = columns - anchor_columns
+    accepted = " / ".join("+".join(fields) for fields, _ in _formats(text_field)[1:])
+    for fields, extras in _formats(text_field):
+        if set(fields) <= example_columns:
+            anchor_fields = {anchor_prefix + name for name in fields}
+            if not anchor_columns:
+                raise ValueError(
+                    f"The dataset has no anchor columns: with example columns {sorted(fields)}, SARA expects the "
+                    f"anchor in {sorted(anchor_fields)} (prefix `anchor_prefix={anchor_prefix!r}`). Add them, with "
+                    "None for rows that have no anchor, or set `anchor_prefix` to the prefix your columns use."
+                )
+            if not anchor_fields <= anchor_columns:
+                missing = sorted(anchor_fields - anchor_columns)
+                raise ValueError(
+                    f"The examples use the columns {sorted(fields)} but the anchor columns are "
+                    f"{sorted(anchor_columns)}: {missing} is missing. The anchor must use the same format as the "
+                    f"example, under the prefix {anchor_prefix!r} (e.g. convert both sides to the same format)."
+                )
+            present_extras = tuple(name for name in extras if name in example_columns)
+            return PairedFormat(fields, anchor_prefix, present_extras)
+    raise ValueError(
+        f"Cannot tell the format of the dataset's examples from its columns {sorted(column_names)}. SARA accepts the "
+        f"formats SFTTrainer accepts ({accepted}, or tokenized input_ids), with the anchor in the same columns under "
+        f"the prefix {anchor_prefix!r}."
+    )
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, (str, list)) and len(value) == 0)
+
+
+def anchored_rows(dataset: Dataset, paired_format: PairedFormat) -> list[bool]:
+    """
+    Which rows have an anchor, checking that each row's anchor is complete and in the same format as its example.
+
+    Raises:
+        `ValueError`: naming the first bad row.
+    """
+    has_anchor = []
+    anchor_fields = [paired_format.anchor_prefix + name for name in paired_format.fields]
+    for index, row in enumerate(dataset.select_columns([*paired_format.fields, *anchor_fields])):
+        missing = [name for name in anchor_fields if _is_missing(row[name])]
+        if len(missing) == len(anchor_fields):
+            has_anchor.append(False)
+            continue
+        if missing:
+            raise ValueError(
+                f"Row {index} has an incomplete anchor: {missing} is empty while the other anchor columns are set. "
+                "Give the whole anchor, or leave all its columns None for a row without anchor."
+            )
+        example = {name: row[name] for name in paired_format.fields}
+        anchor = {name: row[paired_format.anchor_prefix + name] for name in paired_format.fields}
+        if paired_format.fields != ("input_ids",) and is_conversational(example) != is_conversational(anchor):
+            kinds = ("conversational", "plain text")
+            raise ValueError(
+                f"Row {index}: the example is {kinds[not is_conversational(example)]} but its anchor is "
+                f"{kinds[not is_conversational(anchor)]}. Both sides must use the same format."
+            )
+        has_anchor.append(True)
+    return has_anchor
+
+
+def split_pairs(
+    dataset: Dataset, paired_format: PairedFormat, has_anchor: list[bool], row_offset: int
+) -> tuple[Dataset, Dataset]:
+    """
+    Splits a paired dataset into its examples and its anchors, both carrying the global row id `sara_row`.
+
+    Returns:
+        `tuple[Dataset, Dataset]`: the examples (every row, anchor columns removed, other columns kept) and the anchors
+        (the rows that have one, in the example's column names).
+    """
+    rows = list(range(row_offset, row_offset + len(dataset)))
+    anchor_columns = [name for name in paired_format.anchor_columns if name in dataset.column_names]
+    examples = dataset.remove_columns(anchor_columns).add_column(ROW_COLUMN, rows)
+    anchored = [index for index, flag in enumerate(has_anchor) if flag]
+    anchors = (
+        dataset.select(anchored)
+        .select_columns(anchor_columns)
+        .rename_columns({name: name[len(paired_format.anchor_prefix) :] for name in anchor_columns})
+        .add_column(ROW_COLUMN, [rows[index] for index in anchored])
+    )
+    return examples, anchors

@@ -1,0 +1,499 @@
+"""`SARATrainer`: TRL's `SFTTrainer` with paired batches and the SARA routing-alignment loss."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from torch import nn
+from transformers import TrainingArguments
+from transformers.utils import logging
+from trl import SFTTrainer
+from trl.data_utils import pack_dataset
+
+from .anchors import (
+    ANCHORS_FILE_NAME,
+    ANCHORS_FORMAT,
+    check_anchor_metadata,
+    compute_anchor_distributions,
+    load_anchor_distributions,
+    pooling_token_mask,
+    router_checksum,
+    save_anchor_distributions,
+)
+from .capture import capture_routing
+from .collator import ANCHOR_KEY_PREFIX, SEQUENCE_IDS_KEY, AnchorStore, SARADataCollator
+from .config import SARAConfig
+from .data import LANGUAGE_COLUMN, ROW_COLUMN, TOKEN_ROWS_COLUMN, anchored_rows, detect_paired_format, split_pairs
+from .families import num_experts
+from .layers import resolve_layers
+from .loss import js_divergence, sara_alignment_loss
+from .patching import get_routing_state, patch_model
+
+logger = logging.get_logger(__name__)
+
+
+class SARATrainer(SFTTrainer):
+    """
+    Trainer for Semantically Anchored Routing Alignment (SARA): supervised fine-tuning of a Mixture-of-Experts model
+    on low-resource-language examples, plus a Jensen-Shannon loss that pulls each example's expert routing towards
+    the routing of its high-resource parallel "anchor".
+
+    ```python
+    from hf_sara import SARAConfig, SARATrainer, patch_model
+
+    model = patch_model(model)
+    trainer = SARATrainer(model=model, args=SARAConfig(output_dir="out"), train_dataset=pairs)
+    trainer.train()
+    ```
+
+    It is an [`~trl.SFTTrainer`]: everything `SFTTrainer` does (model loading, PEFT, chat templates, tokenisation,
+    truncation, completion-only and assistant-only loss, padding-free batches and packing, the MoE load-balancing
+    loss, metrics) is done by `SFTTrainer` itself, on both sides of each pair. On top of it, the loss is
+
+        loss = L_SFT (+ router_aux_loss_coef * L_LB) + sara_weight * L_SARA (+ anchor_sft_weight * L_SFT(anchor))
+
+    Args:
+        model (`str`, [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            The MoE model (or its name/path). It is patched with [`patch_model`] if it is not already.
+        args ([`SARAConfig`], *optional*):
+            The configuration; defaults to `SARAConfig("<model name>-SARA")`.
+        train_dataset ([`~datasets.Dataset`]):
+            A paired dataset: the example in any format `SFTTrainer` accepts (`prompt`/`completion`, `messages`,
+            `text`, or tokenized `input_ids`) and its anchor in the same format under `args.anchor_prefix`
+            (`anchor_prompt`/`anchor_completion`, ...), None for rows without an anchor; an optional `language`
+            column enables per-language metrics.
+        eval_dataset ([`~datasets.Dataset`] or `dict[str, Dataset]`, *optional*):
+            Paired datasets for evaluation; `eval_sara/js` is logged for them.
+        **kwargs:
+            Every other [`~trl.SFTTrainer`] argument (`processing_class`, `peft_config`, `callbacks`, ...), except
+            `formatting_func` (format both sides of the pairs beforehand).
+    """
+
+    _tag_names = ["trl", "sft", "sara", "hf_sara"]
+    _name = "SARA"
+    _paper = {"title": "Semantically Anchored Routing Alignment (SARA) for Mixture-of-Experts models"}
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        args: SARAConfig | TrainingArguments | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        **kwargs: Any,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = SARAConfig(f"{name.split('/')[-1]}-SARA")
+        elif not isinstance(args, SARAConfig):
+            values = args.to_dict()
+            values["hub_token"] = args.hub_token
+            args = SARAConfig(
+                **{key: value for key, value in values.items() if key in SARAConfig.__dataclass_fields__}
+            )
+        if kwargs.get("formatting_func") is not None:
+            raise ValueError(
+                "SARATrainer does not take a `formatting_func`: it would format the examples but not their anchors. "
+                "Format both sides of each pair in the dataset beforehand."
+            )
+        if isinstance(train_dataset, IterableDataset):
+            raise ValueError(
+                "SARATrainer needs a map-style `datasets.Dataset`: it pairs each example with its anchor by row. "
+                "Materialise the iterable dataset first (e.g. `Dataset.from_generator`)."
+            )
+        text_config = None if isinstance(model, str) else model.config.get_text_config()
+        self._sara_output_router_logits = getattr(text_config, "output_router_logits", False) if text_config else False
+        self._sara_store = AnchorStore()
+        self._sara_anchor_table: torch.Tensor | None = None
+        self._sara_anchor_mask: torch.Tensor | None = None
+        self._sara_offline_datasets: set[str] = set()
+
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
+
+        patch_model(self.model)
+        state = get_routing_state(self.model)
+        self._sara_num_layers = len(state.captured_layers)
+        self._sara_layer_indices = resolve_layers(args.sara_layers, self._sara_num_layers)
+        self._sara_base_collator = self.data_collator
+        self.data_collator = SARADataCollator(
+            self.data_collator,
+            self._sara_store,
+            padding_free=self.padding_free,
+            collate_anchors=args.sara_anchor_mode == "online" or args.anchor_sft_weight > 0,
+        )
+        logger.info(
+            f"SARA: aligning MoE layers {self._sara_layer_indices} of {self._sara_num_layers} with weight "
+            f"{args.sara_weight} ({args.sara_anchor_mode} anchors, pooling {args.sara_pooling!r})."
+        )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Datasets
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _without_shuffle(self, args: SARAConfig):
+        shuffle = args.shuffle_dataset
+        args.shuffle_dataset = False
+        try:
+            yield
+        finally:
+            args.shuffle_dataset = shuffle
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(f"SARATrainer needs a map-style `datasets.Dataset` for the {dataset_name} dataset.")
+        if ROW_COLUMN in dataset.column_names:
+            return dataset  # already prepared by this trainer
+        if formatting_func is not None:
+            raise ValueError("SARATrainer does not take a `formatting_func`; format both sides of the pairs first.")
+        paired_format = detect_paired_format(dataset.column_names, args.anchor_prefix, args.dataset_text_field)
+        has_anchor = anchored_rows(dataset, paired_format)
+        if not any(has_anchor):
+            message = (
+                f"No row of the {dataset_name} dataset has an anchor (all of {paired_format.anchor_columns} are "
+                "empty), so the alignment loss would be zero throughout."
+            )
+            if dataset_name == "train" and args.sara_weight > 0:
+                raise ValueError(message + " Fill the anchor columns, or train with SFTTrainer.")
+            logger.warning(message)
+        offset = self._sara_store.reserve(dataset_name, len(dataset), dataset._fingerprint)
+        name = next(key for key, value in self._sara_store.offsets.items() if value == offset)
+        examples, anchors = split_pairs(dataset, paired_format, has_anchor, offset)
+
+        with self._without_shuffle(args):
+            prepared_anchors = super()._prepare_dataset(
+                anchors, processing_class, args, False, None, f"{dataset_name} anchors"
+            )
+        self._check_nothing_dropped(anchors, prepared_anchors, offset, dataset_name, "the anchor of ", args)
+        if packing:
+            with self._without_shuffle(args):
+                prepared = super()._prepare_dataset(examples, processing_class, args, False, None, dataset_name)
+            self._check_nothing_dropped(examples, prepared, offset, dataset_name, "", args)
+            prepared = self._pack(prepared, args, dataset_name)
+        else:
+            prepared = super()._prepare_dataset(examples, processing_class, args, False, None, dataset_name)
+            self._check_nothing_dropped(examples, prepared, offset, dataset_name, "", args)
+        languages = dataset[LANGUAGE_COLUMN] if LANGUAGE_COLUMN in dataset.column_names else None
+        self._sara_store.add(name, prepared_anchors, languages)
+        return prepared
+
+    @staticmethod
+    def _check_nothing_dropped(before: Dataset, after: Dataset, offset: int, dataset_name: str, what: str, args):
+        dropped = sorted(set(before[ROW_COLUMN]) - set(after[ROW_COLUMN]))
+        if dropped:
+            rows = [row - offset for row in dropped]
+            raise ValueError(
+                f"In the {dataset_name} dataset, {what}row(s) {rows[:10]}{' ...' if len(rows) > 10 else ''} keep no "
+                f"token in the loss after truncation to `max_length={args.max_length}` (a prompt that fills it, say), "
+                "so SFTTrainer would drop them and break the pairing. Raise `max_length`, shorten or remove those "
+                "rows."
+            )
+
+    def _pack(self, dataset: Dataset, args: SARAConfig, dataset_name: str) -> Dataset:
+        """Packs like `SFTTrainer` does, carrying the row id of every token so each example keeps its anchor."""
+        if args.max_length is None:
+            raise ValueError("When packing is enabled, `max_length` can't be `None`.")
+        map_kwargs: dict[str, Any] = {"num_proc": args.dataset_num_proc, "desc": f"Packing {dataset_name} dataset"}
+        dataset = dataset.map(
+            lambda example: {TOKEN_ROWS_COLUMN: [example[ROW_COLUMN]] * len(example["input_ids"])},
+            num_proc=args.dataset_num_proc,
+        )
+        dataset = dataset.select_columns(["input_ids", "labels", TOKEN_ROWS_COLUMN])
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        dataset = pack_dataset(dataset, args.max_length, args.packing_strategy, map_kwargs)
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for column in (ROW_COLUMN, TOKEN_ROWS_COLUMN):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Offline anchors
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _anchor_metadata(self, names: list[str]) -> dict[str, str]:
+        config = self.model.config
+        store = self._sara_store
+        datasets = {name: {"fingerprint": store.fingerprints[name], "rows": store.sizes[name]} for name in names}
+        return {
+            "format": ANCHORS_FORMAT,
+            "model": str(getattr(config, "_name_or_path", "") or ""),
+            "revision": str(getattr(config, "_commit_hash", "") or ""),
+            "router_checksum": router_checksum(self.model),
+            "num_moe_layers": str(self._sara_num_layers),
+            "num_experts": str(num_experts(config)),
+            "pooling": self.args.sara_pooling,
+            "datasets": json.dumps(datasets, sort_keys=True),
+        }
+
+    def _anchor_path(self) -> str:
+        return self.args.sara_anchor_path or os.path.join(self.args.output_dir, ANCHORS_FILE_NAME)
+
+    def _ensure_offline_anchors(self) -> None:
+        """Fills the offline anchor table for every prepared dataset: from the cache file, or by computing it."""
+        store = self._sara_store
+        missing = [name for name in store.offsets if name not in self._sara_offline_datasets]
+        if not missing:
+            return
+        path = self._anchor_path()
+        expected = self._anchor_metadata(missing)
+        if os.path.exists(path):
+            tensors, metadata = load_anchor_distributions(path)
+            check_anchor_metadata(path, metadata, expected)
+            computed = {name: (tensors[f"{name}.distributions"], tensors[f"{name}.has_anchor"]) for name in missing}
+            logger.info(f"SARA: loaded offline anchors for {missing} from {path}.")
+        elif self.args.sara_anchor_path is not None:
+            raise ValueError(
+                f"`sara_anchor_path={path!r}` does not exist. Compute the anchors with "
+                "`hf_sara.compute_anchor_distributions`, or leave `sara_anchor_path` unset to compute them here."
+            )
+        else:
+            computed = {}
+            for name in missing:
+                table = store.tables.get(name)
+                distributions = torch.zeros(store.sizes[name], self._sara_num_layers, 0)
+                has_anchor = torch.zeros(store.sizes[name], dtype=torch.bool)
+                if table is not None and len(table) > 0:
+                    pooled = compute_anchor_distributions(
+                        self.model,
+                        table,
+                        self._sara_base_collator,
+                        batch_size=self.args.per_device_eval_batch_size,
+                        pooling=self.args.sara_pooling,
+                        desc=f"SARA: offline anchors of the {name} dataset",
+                    )
+                    rows = torch.tensor(table[ROW_COLUMN]) - store.offsets[name]
+                    distributions = torch.zeros(store.sizes[name], *pooled.shape[1:])
+                    distributions[rows] = pooled
+                    has_anchor[rows] = True
+                computed[name] = (distributions, has_anchor)
+            if self.is_world_process_zero():
+                tensors = {}
+                if os.path.exists(path):
+                    tensors, _ = load_anchor_distributions(path)
+                for name, (distributions, has_anchor) in computed.items():
+                    tensors[f"{name}.distributions"] = distributions
+                    tensors[f"{name}.has_anchor"] = has_anchor
+                all_names = sorted({key.split(".")[0] for key in tensors})
+                save_anchor_distributions(path, tensors, self._anchor_metadata(all_names))
+                logger.info(f"SARA: computed offline anchors for {missing} and saved them to {path}.")
+        for name, (distributions, has_anchor) in computed.items():
+            self._store_offline(name, distributions, has_anchor)
+            self._sara_offline_datasets.add(name)
+
+    def _store_offline(self, name: str, distributions: torch.Tensor, has_anchor: torch.Tensor) -> None:
+        store = self._sara_store
+        if distributions.shape[-1] == 0:
+            return
+        if self._sara_anchor_table is None or self._sara_anchor_table.shape[0] < store.num_rows:
+            table = torch.zeros(store.num_rows, *distributions.shape[1:])
+            mask = torch.zeros(store.num_rows, dtype=torch.bool)
+            if self._sara_anchor_table is not None:
+                table[: self._sara_anchor_table.shape[0]] = self._sara_anchor_table
+                mask[: self._sara_anchor_mask.shape[0]] = self._sara_anchor_mask
+            self._sara_anchor_table, self._sara_anchor_mask = table, mask
+        offset = store.offsets[name]
+        self._sara_anchor_table[offset : offset + store.sizes[name]] = distributions
+        self._sara_anchor_mask[offset : offset + store.sizes[name]] = has_anchor
+
+    def compute_anchor_distributions(self) -> torch.Tensor:
+        """
+        Computes (or loads from the cache) the offline anchors of the train dataset with the model as it is now, and
+        returns them, `[n_rows, n_moe_layers, n_experts]` (zeros for rows without an anchor).
+        """
+        self._ensure_offline_anchors()
+        name = next(iter(self._sara_store.offsets))
+        offset, size = self._sara_store.offsets[name], self._sara_store.sizes[name]
+        return self._sara_anchor_table[offset : offset + size].clone()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        if self.args.sara_anchor_mode == "offline":
+            self._ensure_offline_anchors()  # with the model before training (a checkpoint is loaded afterwards)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            # SFTTrainer leaves `output_router_logits=True` in the config after training, which breaks `generate()`
+            # for several families; put back what the model had.
+            text_config = self.model.config.get_text_config()
+            if hasattr(text_config, "output_router_logits"):
+                text_config.output_router_logits = self._sara_output_router_logits
+
+    def sara_weight(self) -> float:
+        """The alignment weight at the current step, after the optional linear warm-up (`sara_warmup_ratio`)."""
+        weight = self.args.sara_weight
+        if self.args.sara_warmup_ratio > 0 and self.state.max_steps > 0:
+            warmup_steps = max(1, math.ceil(self.args.sara_warmup_ratio * self.state.max_steps))
+            weight *= min(1.0, self.state.global_step / warmup_steps)
+        return weight
+
+    def _forward_anchors(self, model: nn.Module, anchor_inputs: dict[str, Any], with_sft: bool):
+        """Routing of the batch's anchors (detached), their row ids, and their SFT loss when `with_sft`."""
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # the anchors' gradients (if any) reach the parameters in the same backward
+        sequence_ids = anchor_inputs.pop(SEQUENCE_IDS_KEY)
+        labels = anchor_inputs.get("labels")
+        token_mask = pooling_token_mask(labels, self.args.sara_pooling)
+        shape = anchor_inputs["input_ids"].shape
+        attention_mask = anchor_inputs.get("attention_mask")
+        sft_loss = None
+        if with_sft:
+            with capture_routing(
+                model, shape, attention_mask, token_mask=token_mask, sequence_ids=sequence_ids
+            ) as cap:
+                outputs = model(**anchor_inputs, use_cache=False, fused_lm_head=True)
+            sft_loss = -outputs.log_probs.sum() / outputs.label_mask.sum().clamp(min=1)
+        else:
+            inputs = {key: value for key, value in anchor_inputs.items() if key != "labels"}
+            with torch.no_grad():
+                with capture_routing(
+                    model, shape, attention_mask, token_mask=token_mask, sequence_ids=sequence_ids
+                ) as cap:
+                    model(**inputs, use_cache=False, logits_to_keep=1)
+        return cap.distributions().detach(), cap.segments.sequence_of_segment, sft_loss
+
+    def _anchor_targets(self, model, rows: torch.Tensor, anchor_inputs: dict[str, Any], shape: tuple[int, ...]):
+        """Anchor distributions and mask for the batch's sequences (`rows`), and the anchors' SFT loss if asked."""
+        with_sft = self.args.anchor_sft_weight > 0 and self.model.training
+        anchor_distributions = anchor_rows = sft_loss = None
+        if anchor_inputs:
+            anchor_distributions, anchor_rows, sft_loss = self._forward_anchors(model, anchor_inputs, with_sft)
+        if self.args.sara_anchor_mode == "offline":
+            self._ensure_offline_anchors()
+            table = self._sara_anchor_table.to(rows.device)
+            return table[rows], self._sara_anchor_mask.to(rows.device)[rows], sft_loss
+        targets = torch.zeros(shape, device=rows.device)
+        if anchor_rows is None:
+            return targets, torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device), sft_loss
+        position = torch.searchsorted(anchor_rows, rows).clamp(max=anchor_rows.shape[0] - 1)
+        has_anchor = anchor_rows[position] == rows
+        targets[has_anchor] = anchor_distributions[position[has_anchor]]
+        return targets, has_anchor, sft_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        sequence_ids = inputs.pop(SEQUENCE_IDS_KEY)
+        anchor_inputs = {}
+        for key in [key for key in inputs if key.startswith(ANCHOR_KEY_PREFIX)]:
+            anchor_inputs[key[len(ANCHOR_KEY_PREFIX) :]] = inputs.pop(key)
+        token_mask = pooling_token_mask(inputs.get("labels"), self.args.sara_pooling)
+
+        # One forward: SFTTrainer's loss (aux load-balancing loss and metrics included) and the examples' routing.
+        shape = inputs["input_ids"].shape
+        with capture_routing(
+            model, shape, inputs.get("attention_mask"), token_mask=token_mask, sequence_ids=sequence_ids
+        ) as capture:
+            loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
+        distributions = capture.distributions()
+        rows = capture.segments.sequence_of_segment
+
+        anchors, has_anchor, anchor_sft_loss = self._anchor_targets(model, rows, anchor_inputs, distributions.shape)
+        alignment_loss, per_layer = sara_alignment_loss(distributions, anchors, has_anchor, self._sara_layer_indices)
+        weight = self.sara_weight() if mode == "train" else self.args.sara_weight
+        extra = weight * alignment_loss
+        if anchor_sft_loss is not None:
+            extra = extra + self.args.anchor_sft_weight * anchor_sft_loss
+        # Like SFTTrainer's aux loss: a per-micro-batch mean, averaged over the accumulation steps when `Trainer`
+        # leaves gradient accumulation to the loss (it does when `num_items_in_batch` is given).
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None and mode == "train" else 1
+        loss = loss + extra / steps
+        self._log_sara(mode, distributions, anchors, has_anchor, rows, weight, anchor_sft_loss)
+
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+            return loss, outputs
+        return loss
+
+    @torch.no_grad()
+    def _log_sara(self, mode, distributions, anchors, has_anchor, rows, weight, anchor_sft_loss) -> None:
+        layers = self._sara_layer_indices
+        divergences = js_divergence(distributions.detach()[:, layers], anchors[:, layers])  # [sequences, layers]
+        mask = has_anchor.float()
+        language_of_row = torch.tensor(self._sara_store.language_of_row + [-1], device=rows.device)
+        languages = language_of_row[rows]
+        num_languages = len(self._sara_store.languages)
+        one_hot = torch.zeros(rows.shape[0], num_languages + 1, device=rows.device)
+        one_hot[torch.arange(rows.shape[0]), torch.where(languages >= 0, languages, num_languages)] = 1.0
+        sums = torch.cat(
+            [
+                (divergences * mask[:, None]).sum(0),  # per layer
+                ((divergences.mean(1) * mask)[:, None] * one_hot).sum(0),  # per language
+                mask.sum()[None],
+                (mask[:, None] * one_hot).sum(0),
+            ]
+        )
+        sums = self.accelerator.gather(sums[None]).sum(0)
+        num_layers = len(layers)
+        per_layer, per_language = sums[:num_layers], sums[num_layers : num_layers + num_languages]
+        count, language_counts = sums[num_layers + num_languages + 1], sums[num_layers + num_languages + 2 :]
+        metrics = self._metrics[mode]
+        if count > 0:
+            metrics["sara/js"].append((per_layer.sum() / (count * num_layers)).item())
+            for layer, value in zip(layers, per_layer.tolist(), strict=True):
+                metrics[f"sara/js_layer_{layer}"].append(value / count.item())
+            for index, language in enumerate(self._sara_store.languages):
+                if language_counts[index] > 0:
+                    metrics[f"sara/js_{language}"].append((per_language[index] / language_counts[index]).item())
+        if mode == "train":
+            metrics["sara/weight"].append(weight)
+        if anchor_sft_loss is not None:
+            metrics["sara/anchor_sft_loss"].append(
+                self.accelerator.gather(anchor_sft_loss.detach()[None]).mean().item()
+            )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Saving
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        path = os.path.join(self.args.output_dir, "README.md")
+        languages = ", ".join(self._sara_store.languages) or "not given (no `language` column)"
+        section = "\n".join(
+            [
+                "",
+                "## SARA settings",
+                "",
+                "Trained with hf_sara's Semantically Anchored Routing Alignment: the SFT loss plus a Jensen-Shannon "
+                "loss between each example's expert routing and that of its high-resource anchor.",
+                "",
+                "| setting | value |",
+                "|---|---|",
+                f"| sara_weight | {self.args.sara_weight} |",
+                f"| sara_layers | `{self.args.sara_layers}`: MoE layers {self._sara_layer_indices} of "
+                f"{self._sara_num_layers} |",
+                f"| sara_anchor_mode | {self.args.sara_anchor_mode} |",
+                f"| sara_pooling | {self.args.sara_pooling} |",
+                f"| sara_warmup_ratio | {self.args.sara_warmup_ratio} |",
+                f"| anchor_sft_weight | {self.args.anchor_sft_weight} |",
+                f"| languages | {languages} |",
+                "",
+            ]
+        )
+        with open(path, "a", encoding="utf-8") as card:
+            card.write(section)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if _internal_call or not self.is_world_process_zero():
+            return
+        self.create_model_card()
+        if output_dir is not None and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
+            shutil.copyfile(os.path.join(self.args.output_dir, "README.md"), os.path.join(output_dir, "README.md"))
