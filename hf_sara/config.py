@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import SFTConfig
 
 from .layers import DEFAULT_LAYERS
@@ -18,7 +19,9 @@ class SARAConfig(SFTConfig):
     Configuration class for the [`SARATrainer`].
 
     Holds every [`~trl.SFTConfig`] argument, plus the settings of the SARA routing alignment. The defaults are the
-    published ones (Qwen3-30B-A3B and Phi-3.5-MoE-instruct need no change).
+    published ones (Qwen3-30B-A3B and Phi-3.5-MoE-instruct need no change). One `SFTConfig` default differs: `bf16`
+    left unset is turned on only where the hardware supports it (TRL turns it on everywhere, which fails on a CPU-only
+    machine or a Colab T4).
 
     Parameters:
         sara_weight (`float`, *optional*, defaults to `1.5`):
@@ -113,6 +116,10 @@ class SARAConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        # SFTConfig turns bf16 on by default, which fails on machines that cannot run it (a CPU, a Colab T4). Unless
+        # asked for explicitly, use it only where it is available.
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = self.use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()
         super().__post_init__()
         if self.sara_weight < 0:
             raise ValueError(f"`sara_weight` must be >= 0, got {self.sara_weight}.")

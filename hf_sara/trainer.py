@@ -29,6 +29,7 @@ from .anchors import (
 )
 from .capture import capture_routing
 from .collator import ANCHOR_KEY_PREFIX, SEQUENCE_IDS_KEY, AnchorStore, SARADataCollator
+from .compat import sft_trainer_compatibility
 from .config import SARAConfig
 from .data import LANGUAGE_COLUMN, ROW_COLUMN, TOKEN_ROWS_COLUMN, anchored_rows, detect_paired_format, split_pairs
 from .families import num_experts
@@ -325,13 +326,18 @@ class SARATrainer(SFTTrainer):
         if self.args.sara_anchor_mode == "offline":
             self._ensure_offline_anchors()  # with the model before training (a checkpoint is loaded afterwards)
         try:
-            return super().train(*args, **kwargs)
+            with sft_trainer_compatibility(self.model):
+                return super().train(*args, **kwargs)
         finally:
             # SFTTrainer leaves `output_router_logits=True` in the config after training, which breaks `generate()`
             # for several families; put back what the model had.
             text_config = self.model.config.get_text_config()
             if hasattr(text_config, "output_router_logits"):
                 text_config.output_router_logits = self._sara_output_router_logits
+
+    def evaluate(self, *args, **kwargs):
+        with sft_trainer_compatibility(self.model):
+            return super().evaluate(*args, **kwargs)
 
     def sara_weight(self) -> float:
         """The alignment weight at the current step, after the optional linear warm-up (`sara_warmup_ratio`)."""

@@ -309,28 +309,34 @@ def pairs_in_format(dataset_format: str):
     return converted
 
 
+TRAINING_ARGUMENTS = dict(
+    per_device_train_batch_size=4,
+    per_device_eval_batch_size=4,
+    max_steps=4,
+    learning_rate=1e-3,
+    logging_steps=1,
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    seed=0,
+    data_seed=0,
+    save_strategy="no",
+    max_length=64,
+    gradient_checkpointing=False,
+    dataloader_num_workers=0,
+    disable_tqdm=True,
+)
+
+
 def sara_config(output_dir: str, **overrides: Any):
-    """A SARAConfig for quick, deterministic CPU runs."""
+    """A SARAConfig for quick, deterministic CPU runs, aligning all 4 layers of the tiny models."""
     from hf_sara import SARAConfig
 
-    values = dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        max_steps=4,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        data_seed=0,
-        save_strategy="no",
-        max_length=64,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        sara_layers="all",
-    )
-    values.update(overrides)
-    return SARAConfig(**values)
+    return SARAConfig(output_dir=str(output_dir), **{**TRAINING_ARGUMENTS, "sara_layers": "all", **overrides})
+
+
+def sft_config(output_dir: str, **overrides: Any):
+    """The SFTConfig that matches `sara_config`, for TRL's plain SFTTrainer."""
+    from trl import SFTConfig
+
+    return SFTConfig(output_dir=str(output_dir), **{**TRAINING_ARGUMENTS, **overrides})
