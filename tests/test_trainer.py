@@ -145,6 +145,18 @@ class TestDatasetFormats:
         logged = trainer.state.log_history[0]
         assert "sara/js_sw" in logged and "sara/js_hi" not in logged
 
+    def test_assistant_only_loss_with_completion_pooling(self, tmp_path):
+        trainer = SARATrainer(
+            model=pairs_model(),
+            args=sara_config(tmp_path, assistant_only_loss=True, sara_pooling="completion", max_steps=1),
+            train_dataset=pairs_in_format("messages"),
+            processing_class=pairs_tokenizer(),
+        )
+        row = trainer.train_dataset[0]
+        assert -100 in row["labels"] and any(label != -100 for label in row["labels"])  # only the assistant turn
+        trainer.train()
+        assert trainer.state.log_history[0]["sara/js"] > 0
+
     def test_padding_free_gives_the_same_alignment_as_padding(self, tmp_path):
         runs = {}
         for name, extra in (("padded", {}), ("padding_free", {"padding_free": True, "max_length": None})):
