@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml requirements-dev.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python examples/routing_demo.py
+	HF_HUB_OFFLINE=1 $(BIN)/hf-sara demo --output-dir outputs/demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

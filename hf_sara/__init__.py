@@ -7,7 +7,7 @@ from .capture import RoutingCapture, capture_routing, routing_distributions
 from .config import SARAConfig
 from .layers import DEFAULT_LAYERS, PUBLISHED_BAND, resolve_layers
 from .loss import js_divergence, sara_alignment_loss
-from .patching import RouterSite, find_routers, is_patched, patch_model, unpatch_model
+from .patching import RouterSite, find_routers, is_patched, patch_model, router_weight_names, unpatch_model
 from .routing import router_probabilities
 from .trainer import SARATrainer
 
@@ -27,6 +27,7 @@ __all__ = [
     "patch_model",
     "resolve_layers",
     "router_probabilities",
+    "router_weight_names",
     "routing_distributions",
     "save_anchor_distributions",
     "sara_alignment_loss",

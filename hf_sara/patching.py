@@ -193,6 +193,27 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
     return sites
 
 
+def router_weight_names(model: nn.Module) -> list[str]:
+    """
+    The routers' weight names relative to their decoder layer (e.g. `["mlp.gate.weight"]`), as PEFT's
+    `LoraConfig(target_parameters=...)` takes them to put LoRA on the routers.
+
+    Returns:
+        `list[str]`: unique names, in order; empty for routers without a direct 2D `weight` parameter.
+    """
+    names: list[str] = []
+    for site in find_routers(model):
+        weight = model.get_submodule(site.name)._parameters.get("weight")
+        if weight is None or weight.dim() != 2:
+            continue
+        match = _LAYER_NUMBER.search("." + site.name)
+        suffix = ("." + site.name)[match.end() :] if match else site.name.rsplit(".", 1)[-1]
+        name = f"{suffix}.weight" if suffix else "weight"
+        if name not in names:
+            names.append(name)
+    return names
+
+
 def _no_router_error(model: nn.Module) -> ValueError:
     config = _config_of(model)
     expected = num_experts(config) if config is not None else None

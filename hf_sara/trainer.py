@@ -475,6 +475,7 @@ class SARATrainer(SFTTrainer):
         section = "\n".join(
             [
                 "",
+                "",
                 "## SARA settings",
                 "",
                 "Trained with hf_sara's Semantically Anchored Routing Alignment: the SFT loss plus a Jensen-Shannon "

@@ -1,0 +1,298 @@
+"""The `hf-sara` command line: train, anchors, analyze, pairs, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+
+USAGE = """hf-sara <command> [options]
+
+commands:
+  train     SARA fine-tuning of a model on a paired dataset (all SARAConfig, SFTConfig and PEFT options as flags,
+            or a YAML file with --config); runs unchanged under `accelerate launch`
+  anchors   compute and save the offline anchor distributions of a paired dataset
+  analyze   routing divergence between each language and its anchors, per layer: tables and figures
+  pairs     build a paired dataset from aligned text files or a multilingual TSV/CSV/JSONL file
+  demo      the main job on the embedded default, offline: SFT vs SARA on a tiny MoE, with the analysis
+
+Run `hf-sara <command> --help` for the options of a command.
+"""
+
+
+class CommandError(Exception):
+    """An error the user can fix; reported as one line."""
+
+
+def _load_dataset(name: str, config: str | None = None):
+    from datasets import DatasetDict, load_dataset
+
+    if os.path.isfile(name):
+        extension = name.rsplit(".", 1)[-1].lower()
+        builder = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "tsv": "csv"}.get(extension)
+        if builder is None:
+            raise CommandError(f"cannot read {name}: expected a .json, .jsonl, .parquet, .csv or .tsv file")
+        extra = {"delimiter": "\t"} if extension == "tsv" else {}
+        return DatasetDict({"train": load_dataset(builder, data_files=name, split="train", **extra)})
+    if os.path.exists(name) and not os.path.isdir(name):
+        raise CommandError(f"cannot read {name}")
+    return load_dataset(name, name=config)
+
+
+def _check_local_reference(name: str, what: str) -> None:
+    """A name written as a local path must exist (otherwise the Hub client reports an invalid repo id)."""
+    if (os.path.isabs(name) or name.startswith((".", "~"))) and not os.path.exists(os.path.expanduser(name)):
+        raise CommandError(f"{what} {name} not found: no such file or directory")
+
+
+def _trl_parser(prog: str):
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    from .config import SARAConfig
+
+    return TrlParser((ScriptArguments, SARAConfig, ModelConfig), prog=prog)
+
+
+def _build_trainer(argv: list[str], prog: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import get_peft_config, get_quantization_config
+
+    from .patching import patch_model
+    from .trainer import SARATrainer
+
+    script_args, training_args, model_args = _trl_parser(prog).parse_args_and_config(args=argv)
+    if not model_args.model_name_or_path:
+        raise CommandError("--model_name_or_path is required")
+    if not script_args.dataset_name:
+        raise CommandError("--dataset_name is required (a Hub dataset, or a local .jsonl/.json/.parquet file)")
+    _check_local_reference(model_args.model_name_or_path, "model")
+    _check_local_reference(script_args.dataset_name, "dataset")
+    dataset = _load_dataset(script_args.dataset_name, script_args.dataset_config)
+    if script_args.dataset_train_split not in dataset:
+        raise CommandError(f"the dataset has no split {script_args.dataset_train_split!r} (it has {list(dataset)})")
+    dtype = model_args.dtype
+    model_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=getattr(torch, dtype) if dtype not in (None, "auto") else dtype,
+        quantization_config=get_quantization_config(model_args),
+        **(training_args.model_init_kwargs or {}),
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    eval_dataset = None
+    if training_args.eval_strategy != "no" and script_args.dataset_test_split in dataset:
+        eval_dataset = dataset[script_args.dataset_test_split]
+    trainer = SARATrainer(
+        model=patch_model(model),
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    return trainer, script_args, training_args
+
+
+def train_command(argv: list[str]) -> int:
+    trainer, script_args, training_args = _build_trainer(argv, "hf-sara train")
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Saved to {training_args.output_dir}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Pushed to the Hub: {trainer.hub_model_id}")
+    return 0
+
+
+def anchors_command(argv: list[str]) -> int:
+    from .anchors import ANCHORS_FILE_NAME
+
+    trainer, _, training_args = _build_trainer(argv, "hf-sara anchors")
+    anchors = trainer.compute_anchor_distributions()
+    path = training_args.sara_anchor_path or os.path.join(training_args.output_dir, ANCHORS_FILE_NAME)
+    trainer.accelerator.print(f"Saved anchors of {anchors.shape[0]} rows x {anchors.shape[1]} MoE layers to {path}")
+    return 0
+
+
+def _staged_output(output_dir: str, write: Callable[[str], dict[str, str]]) -> dict[str, str]:
+    """Writes into a temporary folder and moves the files into `output_dir` only once everything succeeded."""
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".hf-sara-")
+    try:
+        paths = write(staging)
+        os.makedirs(output_dir, exist_ok=True)
+        moved = {}
+        for kind, path in paths.items():
+            target = os.path.join(output_dir, os.path.relpath(path, staging))
+            os.replace(path, target)
+            moved[kind] = target
+        return moved
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def analyze_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hf-sara analyze",
+        description="Routing divergence between each language's examples and their anchors, per MoE layer, for a "
+        "model or a base/adapter pair: a markdown and CSV table and PNG figures.",
+    )
+    parser.add_argument("--model", required=True, help="model name or path (the base model when --adapter is given)")
+    parser.add_argument("--adapter", help="a PEFT adapter (name or path) to compare with the base model")
+    parser.add_argument(
+        "--data", help="paired dataset: .jsonl/.json/.parquet file or Hub name (default: the embedded demo pairs)"
+    )
+    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument("--output-dir", required=True, help="where the table and figures are written")
+    parser.add_argument(
+        "--layers", default=None, help="aligned layers for the summary table (default: published band)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=512)
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .analysis import analyze_routing, markdown_table, write_report
+    from .analysis import divergence_table as table
+    from .demo import load_demo_pairs
+    from .layers import resolve_layers
+    from .patching import patch_model
+
+    _check_local_reference(args.model, "model")
+    if args.adapter:
+        _check_local_reference(args.adapter, "adapter")
+    if args.data is not None:
+        _check_local_reference(args.data, "dataset")
+    dataset = load_demo_pairs() if args.data is None else _load_dataset(args.data)[args.split]
+    tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = patch_model(AutoModelForCausalLM.from_pretrained(args.model).to(device))
+    reports = {
+        "base" if args.adapter else "model": analyze_routing(
+            model, tokenizer, dataset, args.batch_size, args.max_length
+        )
+    }
+    if args.adapter:
+        from peft import PeftModel
+
+        adapted = patch_model(PeftModel.from_pretrained(model, args.adapter))
+        reports["adapter"] = analyze_routing(adapted, tokenizer, dataset, args.batch_size, args.max_length)
+    num_layers = len(next(iter(next(iter(reports.values())).divergence.values())))
+    aligned = resolve_layers(args.layers, num_layers)
+    paths = _staged_output(args.output_dir, lambda staging: write_report(reports, staging, aligned))
+    print(f"Mean routing divergence to the anchors over MoE layers {aligned}:\n")
+    print(markdown_table(table(reports, aligned)))
+    print()
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def pairs_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hf-sara pairs",
+        description="Build a paired dataset (JSONL) for SARA from a parallel corpus or a translated instruction set.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--aligned", nargs=2, metavar=("SOURCE", "ANCHOR"), help="two line-aligned text files")
+    source.add_argument(
+        "--multilingual",
+        metavar="FILE",
+        help="a TSV/CSV/JSONL file with one column per language (texts, or prompt/completion objects)",
+    )
+    parser.add_argument("--language", help="language code of SOURCE (with --aligned)")
+    parser.add_argument("--anchor-language", default="en", help="the anchor language (default: en)")
+    parser.add_argument("--languages", help="comma-separated languages to keep (with --multilingual; default: all)")
+    parser.add_argument("--output", required=True, help="the JSONL file to write")
+    args = parser.parse_args(argv)
+
+    from .pairs import pairs_from_aligned_files, pairs_from_multilingual, write_jsonl
+
+    if args.aligned:
+        if not args.language:
+            raise CommandError("--language is required with --aligned (the language code of SOURCE)")
+        rows = pairs_from_aligned_files(*args.aligned, args.language, args.anchor_language)
+    else:
+        languages = args.languages.split(",") if args.languages else None
+        rows = pairs_from_multilingual(args.multilingual, args.anchor_language, languages)
+    write_jsonl(rows, args.output)
+    anchored = sum(1 for row in rows if row.get("anchor_text") or row.get("anchor_prompt"))
+    print(f"Wrote {len(rows)} pairs ({anchored} with an anchor) to {args.output}")
+    return 0
+
+
+def demo_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hf-sara demo",
+        description="The main job on the embedded default, offline: a tiny Qwen3-MoE learns five languages, then LoRA "
+        "fine-tuning on the low-resource pairs with plain SFT and with SARA from the same start; prints the routing "
+        "divergence per language, writes figures, saves the SARA adapter and its model card.",
+    )
+    parser.add_argument("--output-dir", default="outputs/demo", help="where everything is written")
+    parser.add_argument("--base-steps", type=int, default=300, help="steps of the multilingual base training")
+    parser.add_argument("--steps", type=int, default=150, help="steps of each LoRA fine-tuning")
+    parser.add_argument("--sara-weight", type=float, default=1.5)
+    parser.add_argument("--sara-layers", default=None, help="aligned layers (default: the published band)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from .demo import format_demo_summary, run_demo
+    from .layers import DEFAULT_LAYERS
+
+    result = run_demo(
+        args.output_dir,
+        base_steps=args.base_steps,
+        steps=args.steps,
+        sara_weight=args.sara_weight,
+        sara_layers=args.sara_layers or DEFAULT_LAYERS,
+        seed=args.seed,
+    )
+    print()
+    print(format_demo_summary(result))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": train_command,
+    "anchors": anchors_command,
+    "analyze": analyze_command,
+    "pairs": pairs_command,
+    "demo": demo_command,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"hf-sara: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](rest)
+    except (CommandError, ValueError, OSError, ImportError, KeyError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"hf-sara {command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""Building paired datasets from parallel corpora and translated instruction sets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+
+
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        return [line.rstrip("\n") for line in handle]
+
+
+def pairs_from_aligned_files(
+    source: str, anchor: str, language: str, anchor_language: str = "en"
+) -> list[dict[str, str | None]]:
+    """
+    Text pairs from two line-aligned files: line `i` of `source` (the low-resource language) translates line `i` of
+    `anchor`. Empty anchor lines give rows without anchor.
+
+    Raises:
+        `ValueError`: when the files have different numbers of lines, or a source line is empty.
+    """
+    sources, anchors = _read_lines(source), _read_lines(anchor)
+    if len(sources) != len(anchors):
+        raise ValueError(
+            f"{source} has {len(sources)} lines but {anchor} has {len(anchors)}: aligned files must have one "
+            "translation per line."
+        )
+    rows = []
+    for number, (text, anchor_text) in enumerate(zip(sources, anchors, strict=True), start=1):
+        if not text.strip():
+            raise ValueError(f"{source}, line {number}: the example is empty. Remove the line from both files.")
+        rows.append({"language": language, "text": text, "anchor_text": anchor_text or None})
+    return rows
+
+
+def _records(path: str) -> list[dict]:
+    if path.endswith((".tsv", ".csv")):
+        with open(path, encoding="utf-8", newline="") as handle:
+            return list(csv.DictReader(handle, delimiter="\t" if path.endswith(".tsv") else ","))
+    if path.endswith((".jsonl", ".json")):
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        if path.endswith(".json") and text.lstrip().startswith("["):
+            return json.loads(text)
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+        return records
+    raise ValueError(f"Cannot read {path}: expected a .tsv, .csv, .jsonl or .json file.")
+
+
+def pairs_from_multilingual(
+    path: str, anchor_language: str = "en", languages: Iterable[str] | None = None
+) -> list[dict[str, object]]:
+    """
+    Pairs from a file with one column per language (TSV/CSV/JSONL): each row is one item in several languages.
+
+    A language's value is either a text (giving `text`/`anchor_text` pairs) or an object with `prompt` and
+    `completion` (a translated instruction set, giving `prompt`/`completion` pairs). Each row yields one pair per
+    non-anchor language, with the anchor language's version as its anchor.
+
+    Raises:
+        `ValueError`: naming the row, when the anchor language column is missing or a value has the wrong form.
+    """
+    records = _records(path)
+    if not records:
+        raise ValueError(f"{path} holds no rows.")
+    columns = list(records[0])
+    if anchor_language not in columns:
+        raise ValueError(
+            f"{path} has no column for the anchor language {anchor_language!r} (its columns are {columns}). "
+            "Pass `--anchor-language` with one of them."
+        )
+    targets = [c for c in columns if c != anchor_language] if languages is None else list(languages)
+    missing = [language for language in targets if language not in columns]
+    if missing:
+        raise ValueError(f"{path} has no column for {missing} (its columns are {columns}).")
+    rows = []
+    for number, record in enumerate(records, start=1):
+        anchor = record.get(anchor_language)
+        for language in targets:
+            value = record.get(language)
+            if value in (None, ""):
+                continue
+            if isinstance(value, dict):
+                if not {"prompt", "completion"} <= set(value):
+                    raise ValueError(
+                        f"{path}, row {number}, {language}: expected an object with prompt and completion."
+                    )
+                if anchor is not None and not (isinstance(anchor, dict) and {"prompt", "completion"} <= set(anchor)):
+                    raise ValueError(
+                        f"{path}, row {number}: the {language} item has prompt/completion but the "
+                        f"{anchor_language} anchor does not."
+                    )
+                rows.append(
+                    {
+                        "language": language,
+                        "prompt": value["prompt"],
+                        "completion": value["completion"],
+                        "anchor_prompt": anchor["prompt"] if anchor else None,
+                        "anchor_completion": anchor["completion"] if anchor else None,
+                    }
+                )
+            elif isinstance(value, str):
+                if anchor is not None and not isinstance(anchor, str):
+                    raise ValueError(f"{path}, row {number}: the {language} text has a non-text anchor.")
+                rows.append({"language": language, "text": value, "anchor_text": anchor or None})
+            else:
+                raise ValueError(f"{path}, row {number}, {language}: expected a text or a prompt/completion object.")
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str) -> None:
+    """Writes rows as JSON lines, atomically: an interrupted write leaves no partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as output:
+            for row in rows:
+                output.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
