@@ -380,8 +380,10 @@ class SARATrainer(SFTTrainer):
             anchor_distributions, anchor_rows, sft_loss = self._forward_anchors(model, anchor_inputs, with_sft)
         if self.args.sara_anchor_mode == "offline":
             self._ensure_offline_anchors()
-            table = self._sara_anchor_table.to(rows.device)
-            return table[rows], self._sara_anchor_mask.to(rows.device)[rows], sft_loss
+            # Index on the host, then move only the batch's rows (the table can hold millions of rows).
+            rows_on_host = rows.cpu()
+            targets = self._sara_anchor_table[rows_on_host].to(rows.device, non_blocking=True)
+            return targets, self._sara_anchor_mask[rows_on_host].to(rows.device, non_blocking=True), sft_loss
         targets = torch.zeros(shape, device=rows.device)
         if anchor_rows is None:
             return targets, torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device), sft_loss
@@ -425,13 +427,21 @@ class SARATrainer(SFTTrainer):
             return loss, outputs
         return loss
 
+    def _language_of_row(self, device: torch.device) -> torch.Tensor:
+        """Language id of every global row (-1: none), cached per device until a new dataset is prepared."""
+        store = self._sara_store
+        cached = getattr(self, "_sara_languages_cache", None)
+        if cached is None or cached[0] != store.num_rows or cached[1].device != device:
+            cached = (store.num_rows, torch.tensor(store.language_of_row + [-1], device=device))
+            self._sara_languages_cache = cached
+        return cached[1]
+
     @torch.no_grad()
     def _log_sara(self, mode, distributions, anchors, has_anchor, rows, weight, anchor_sft_loss) -> None:
         layers = self._sara_layer_indices
         divergences = js_divergence(distributions.detach()[:, layers], anchors[:, layers])  # [sequences, layers]
         mask = has_anchor.float()
-        language_of_row = torch.tensor(self._sara_store.language_of_row + [-1], device=rows.device)
-        languages = language_of_row[rows]
+        languages = self._language_of_row(rows.device)[rows]
         num_languages = len(self._sara_store.languages)
         one_hot = torch.zeros(rows.shape[0], num_languages + 1, device=rows.device)
         one_hot[torch.arange(rows.shape[0]), torch.where(languages >= 0, languages, num_languages)] = 1.0
