@@ -131,8 +131,8 @@ def main() -> None:
         f"Qwen3-MoE, hidden {args.hidden}, {args.layers} MoE layers, top-2, batch {args.batch_size}. Times: median "
         f"of {args.repeats} runs after {args.warmup} warm-up runs, round-robin in alternating order.",
         "",
-        "Times on a 2-core machine are dominated by allocation page faults (the ratio column swings by tens of percent "
-        "between runs): read the step benchmark for end-to-end cost. The memory columns are exact counts.",
+        "Times on a 2-core machine are dominated by allocation page faults (the ratio column swings by tens of "
+        "percent between runs): read the step benchmark for end-to-end cost. The memory columns are exact counts.",
         "",
         "| seq | experts | forward ms | forward + capture / forward | loss fwd+bwd ms | kept for backward: SARA MiB "
         "| aux path MiB | aux / SARA |",

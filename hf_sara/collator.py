@@ -32,15 +32,15 @@ class AnchorStore:
         self.languages: list[str] = []
         self.language_of_row: list[int] = []
 
-    def reserve(self, name: str, size: int, fingerprint: str) -> int:
-        """Reserves `size` row ids for dataset `name`, returning the first."""
+    def reserve(self, name: str, size: int, fingerprint: str) -> tuple[str, int]:
+        """Reserves `size` row ids for dataset `name`; returns the name it is stored under and its first row id."""
         if name in self.offsets:
             name = f"{name}_{len(self.offsets)}"
         offset = self.num_rows
         self.offsets[name], self.sizes[name], self.fingerprints[name] = offset, size, fingerprint
         self.num_rows += size
         self.language_of_row.extend([-1] * size)
-        return offset
+        return name, offset
 
     def add(self, name: str, anchors: Dataset, languages: list[str | None] | None = None) -> None:
         """Registers the prepared anchors of dataset `name` (their `sara_row` column holds global row ids)."""
@@ -62,9 +62,6 @@ class AnchorStore:
     def anchor(self, row: int) -> dict[str, Any]:
         name, position = self._position[row]
         return self.tables[name][position]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"offsets": self.offsets, "sizes": self.sizes, "fingerprints": self.fingerprints}
 
 
 def _sequence_ids(rows: list[list[int]], width: int, padding_free: bool) -> torch.Tensor:

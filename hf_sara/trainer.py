@@ -163,8 +163,7 @@ class SARATrainer(SFTTrainer):
             if dataset_name == "train" and args.sara_weight > 0:
                 raise ValueError(message + " Fill the anchor columns, or train with SFTTrainer.")
             logger.warning(message)
-        offset = self._sara_store.reserve(dataset_name, len(dataset), dataset._fingerprint)
-        name = next(key for key, value in self._sara_store.offsets.items() if value == offset)
+        name, offset = self._sara_store.reserve(dataset_name, len(dataset), dataset._fingerprint)
         examples, anchors = split_pairs(dataset, paired_format, has_anchor, offset)
 
         with self._without_shuffle(args):
