@@ -1,4 +1,4 @@
-"""The `hf-sara` command line: train, anchors, analyze, pairs, demo."""
+"""The `hf-sara` command line: train, anchors, analyze, pairs, demo, eval."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ commands:
   analyze   routing divergence between each language and its anchors, per layer: tables and figures
   pairs     build a paired dataset from aligned text files or a multilingual TSV/CSV/JSONL file
   demo      the main job on the embedded default, offline: SFT vs SARA on a tiny MoE, with the analysis
+  eval      accuracy per language through lm-evaluation-harness (harness tasks or local Global-MMLU/M3KE files),
+            for a model or a base/adapter pair: a markdown and CSV table and a bar chart
 
 Run `hf-sara <command> --help` for the options of a command.
 """
@@ -46,6 +48,22 @@ def _check_local_reference(name: str, what: str) -> None:
     """A name written as a local path must exist (otherwise the Hub client reports an invalid repo id)."""
     if (os.path.isabs(name) or name.startswith((".", "~"))) and not os.path.exists(os.path.expanduser(name)):
         raise CommandError(f"{what} {name} not found: no such file or directory")
+
+
+def _load_tokenizer(model: str, adapter: str | None = None, **kwargs):
+    """The adapter's tokenizer when it was saved with one (SARATrainer saves it), else the base model's."""
+    from transformers import AutoTokenizer
+
+    if adapter is not None:
+        local_without_tokenizer = os.path.isdir(adapter) and not os.path.isfile(
+            os.path.join(adapter, "tokenizer_config.json")
+        )
+        if not local_without_tokenizer:
+            try:
+                return AutoTokenizer.from_pretrained(adapter, **kwargs)
+            except (OSError, ValueError):
+                pass
+    return AutoTokenizer.from_pretrained(model, **kwargs)
 
 
 def _trl_parser(prog: str):
@@ -163,7 +181,7 @@ def analyze_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .analysis import analyze_routing, markdown_table, write_report
     from .analysis import divergence_table as table
@@ -177,7 +195,7 @@ def analyze_command(argv: list[str]) -> int:
     if args.data is not None:
         _check_local_reference(args.data, "dataset")
     dataset = load_demo_pairs() if args.data is None else _load_dataset(args.data)[args.split]
-    tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model)
+    tokenizer = _load_tokenizer(args.model, args.adapter)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -268,12 +286,109 @@ def demo_command(argv: list[str]) -> int:
     return 0
 
 
+def eval_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hf-sara eval",
+        description="Accuracy per language through lm-evaluation-harness, for a model or a base model and a PEFT "
+        "adapter side by side: harness tasks (e.g. global_mmlu_full_sw, belebele_swh_Latn, mgsm_direct_sw) and local "
+        "files in the Global-MMLU (question, option_a..option_d, answer[, subject]) or M3KE (question, A, B, C, D, "
+        "answer) schema. Without --tasks and --files it evaluates the small sample files shipped with hf_sara.",
+    )
+    parser.add_argument("--model", required=True, help="model name or path (the base model when --adapter is given)")
+    parser.add_argument("--adapter", help="a PEFT adapter (name or path) to evaluate next to the base model")
+    parser.add_argument(
+        "--tasks", nargs="+", default=[], metavar="[LANG=]TASK", help="harness tasks or groups, one per language"
+    )
+    parser.add_argument(
+        "--files", nargs="+", default=[], metavar="[LANG=]FILE", help="local .jsonl/.json/.csv files, one per language"
+    )
+    parser.add_argument("--output-dir", required=True, help="where the tables, chart, task files and cache go")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's own)")
+    parser.add_argument("--batch-size", default="8", help="harness batch size, or 'auto' (default: 8)")
+    parser.add_argument("--limit", type=float, default=None, help="only the first N items (or fraction) per task")
+    parser.add_argument("--max-length", type=int, default=None, help="longest input (default: the model's)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16 or float32")
+    parser.add_argument("--apply-chat-template", action="store_true", help="format prompts with the chat template")
+    parser.add_argument("--no-cache", action="store_true", help="do not keep the harness's response cache")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    args = parser.parse_args(argv)
+
+    from .analysis import markdown_table
+    from .eval_files import sample_eval_files
+    from .evaluation import (
+        accuracy_table,
+        evaluate_model,
+        model_fingerprint,
+        parse_sources,
+        require_lm_eval,
+        write_eval_report,
+        write_local_tasks,
+    )
+
+    require_lm_eval()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _check_local_reference(args.model, "model")
+    if args.adapter:
+        _check_local_reference(args.adapter, "adapter")
+    files = args.files or ([] if args.tasks else [f"{lang}={path}" for lang, path in sample_eval_files().items()])
+    sources = parse_sources(args.tasks, files)
+    tasks_dir = os.path.join(args.output_dir, "harness_tasks")
+    write_local_tasks(sources, tasks_dir)
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code).to(
+        device
+    )
+    model.eval()
+    tokenizer = _load_tokenizer(args.model, args.adapter, trust_remote_code=args.trust_remote_code)
+
+    def evaluate(label: str, evaluated, *references: str | None):
+        cache = (
+            None if args.no_cache else os.path.join(args.output_dir, "lm_eval_cache", model_fingerprint(*references))
+        )
+        print(f"Evaluating the {label} on {', '.join(source.language for source in sources)}")
+        return evaluate_model(
+            evaluated,
+            tokenizer,
+            sources,
+            tasks_dir=tasks_dir,
+            num_fewshot=args.num_fewshot,
+            batch_size=batch_size,
+            limit=limit,
+            cache_path=cache,
+            apply_chat_template=args.apply_chat_template,
+            max_length=args.max_length,
+        )
+
+    scores, summaries = {}, {}
+    label = "base" if args.adapter else "model"
+    scores[label], summaries[label] = evaluate(label, model, args.model)
+    if args.adapter:
+        from peft import PeftModel
+
+        adapted = PeftModel.from_pretrained(model, args.adapter).eval()
+        scores["adapter"], summaries["adapter"] = evaluate("adapter", adapted, args.model, args.adapter)
+    paths = _staged_output(args.output_dir, lambda staging: write_eval_report(scores, staging, summaries))
+    print()
+    print(markdown_table(accuracy_table(scores)))
+    print()
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train_command,
     "anchors": anchors_command,
     "analyze": analyze_command,
     "pairs": pairs_command,
     "demo": demo_command,
+    "eval": eval_command,
 }
 
 

@@ -1,0 +1,353 @@
+"""Per-language accuracy through lm-evaluation-harness: harness tasks and local Global-MMLU / M3KE files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .eval_files import load_eval_file
+
+TASK_TEMPLATES_DIR = os.path.join(os.path.dirname(__file__), "eval_tasks")
+PRIMARY_METRICS = ("acc", "exact_match", "acc_norm", "f1")
+_FLORES_CODE = re.compile(r"[a-z]{3}_[A-Z][a-z]{3}$")
+
+
+@dataclass(frozen=True)
+class EvalSource:
+    """
+    What is evaluated for one language.
+
+    Args:
+        language (`str`): the language code the accuracy is reported under.
+        task (`str`): a harness task or group name (e.g. `global_mmlu_full_sw`), or the name `hf-sara eval` gives to
+            the task of a local file.
+        path (`str`, *optional*): the local file, for local-file sources.
+    """
+
+    language: str
+    task: str
+    path: str | None = None
+
+
+@dataclass
+class LanguageScore:
+    """Accuracy of one model on one language: overall and per subject category (when the items have one)."""
+
+    metric: str
+    items: int
+    score: float
+    categories: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+
+def require_lm_eval():
+    """Imports lm-evaluation-harness, or explains how to install it."""
+    try:
+        import lm_eval
+    except ImportError:
+        raise ImportError(
+            "`hf-sara eval` runs lm-evaluation-harness, which is not installed: `pip install 'hf_sara[eval]'` "
+            "(or `pip install 'lm_eval[hf]'`)."
+        ) from None
+    return lm_eval
+
+
+def language_of_task(task: str) -> str:
+    """
+    The language a harness task name ends with: `global_mmlu_full_sw` -> `sw`, `mgsm_direct_sw` -> `sw`,
+    `belebele_swh_Latn` -> `swh_Latn`.
+    """
+    match = _FLORES_CODE.search(task)
+    return match.group(0) if match else task.rsplit("_", 1)[-1]
+
+
+def _split_language(spec: str) -> tuple[str | None, str]:
+    language, separator, value = spec.partition("=")
+    return (language, value) if separator and language and "/" not in language else (None, spec)
+
+
+def parse_sources(tasks: Sequence[str] = (), files: Sequence[str] = ()) -> list[EvalSource]:
+    """
+    Sources from `LANG=TASK` / `TASK` and `LANG=FILE` / `FILE` specifications. Without `LANG=`, a task's language
+    is read from its name (`language_of_task`) and a file's from its name's last `_`-separated part
+    (`global_mmlu_sw.jsonl` -> `sw`). Languages must be unique.
+    """
+    sources = []
+    for spec in tasks:
+        language, task = _split_language(spec)
+        sources.append(EvalSource(language or language_of_task(task), task))
+    for spec in files:
+        language, path = _split_language(spec)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        language = language or stem.rsplit("_", 1)[-1]
+        sources.append(EvalSource(language, f"hf_sara_{re.sub(r'[^0-9A-Za-z_]', '_', language)}", path))
+    seen = set()
+    for source in sources:
+        if source.language in seen:
+            raise ValueError(
+                f"language {source.language!r} is given twice; name each source's language with LANG=TASK or LANG=FILE"
+            )
+        seen.add(source.language)
+    return sources
+
+
+def write_local_tasks(sources: Sequence[EvalSource], directory: str) -> list[str]:
+    """
+    Validates each local file and writes, into `directory`, its rows as JSONL and a harness task YAML that includes
+    the packaged template of its schema. Returns the written task files. Nothing is written if a file is malformed.
+    """
+    local = [(source, *load_eval_file(source.path)) for source in sources if source.path is not None]
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for source, schema, rows in local:
+        data_path = os.path.join(directory, f"{source.task}.jsonl")
+        with open(data_path, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps({**row, "language": source.language}, ensure_ascii=False) + "\n")
+        task_path = os.path.join(directory, f"{source.task}.yaml")
+        with open(task_path, "w", encoding="utf-8") as handle:
+            handle.write(f"# {source.language}: {os.path.abspath(source.path)} ({schema.name} schema)\n")
+            handle.write(f"include: {json.dumps(os.path.join(TASK_TEMPLATES_DIR, schema.name + '.yaml'))}\n")
+            handle.write(f"task: {source.task}\n")
+            handle.write(f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(os.path.abspath(data_path))}\n")
+        written.append(task_path)
+    return written
+
+
+def model_fingerprint(*references: str | None) -> str:
+    """
+    A short hash naming a model (and adapter) for the harness's response cache, whose keys are the requests only:
+    local folders contribute their config and the size and time of their weight files, Hub names contribute the name.
+    """
+    digest = hashlib.sha256()
+    for reference in references:
+        if reference is None:
+            continue
+        digest.update(reference.encode())
+        if os.path.isdir(reference):
+            for name in sorted(os.listdir(reference)):
+                path = os.path.join(reference, name)
+                if name.endswith((".json", ".safetensors", ".bin")) and os.path.isfile(path):
+                    stat = os.stat(path)
+                    digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _leaf_tasks(task: str, group_subtasks: Mapping[str, list[str]]) -> list[str]:
+    if task not in group_subtasks:
+        return [task]
+    return [leaf for child in group_subtasks[task] for leaf in _leaf_tasks(child, group_subtasks)]
+
+
+def _primary_metric(sample: Mapping[str, Any]) -> str:
+    for metric in PRIMARY_METRICS:
+        if metric in sample:
+            return metric
+    metrics = sample.get("metrics") or []
+    if metrics:
+        return metrics[0]
+    raise ValueError(f"no metric found in the harness's samples (keys: {sorted(sample)})")
+
+
+def _category(doc: Mapping[str, Any]) -> str | None:
+    for column in ("subject_category", "subject"):
+        value = doc.get(column)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def scores_from_results(results: Mapping[str, Any], sources: Sequence[EvalSource]) -> dict[str, LanguageScore]:
+    """
+    Accuracy per language from the per-item samples of `lm_eval.simple_evaluate(..., log_samples=True)`: the mean of
+    the primary metric (`acc` for multiple choice, `exact_match` for generation) over every item of the source's
+    leaf tasks, with the first filter of a task when it has several; per subject category as well.
+    """
+    group_subtasks = results.get("group_subtasks", {})
+    scores = {}
+    for source in sources:
+        values: list[float] = []
+        by_category: dict[str, list[float]] = defaultdict(list)
+        metric = None
+        for leaf in _leaf_tasks(source.task, group_subtasks):
+            samples = results["samples"].get(leaf, [])
+            if not samples:
+                continue
+            first_filter = samples[0].get("filter")
+            for sample in samples:
+                if sample.get("filter") != first_filter:
+                    continue
+                metric = metric or _primary_metric(sample)
+                value = float(sample[metric])
+                values.append(value)
+                category = _category(sample.get("doc", {}))
+                if category is not None:
+                    by_category[category].append(value)
+        if not values:
+            raise ValueError(f"the harness returned no scored items for {source.task!r} ({source.language})")
+        scores[source.language] = LanguageScore(
+            metric=metric,
+            items=len(values),
+            score=sum(values) / len(values),
+            categories={name: (len(v), sum(v) / len(v)) for name, v in sorted(by_category.items())},
+        )
+    return scores
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    sources: Sequence[EvalSource],
+    *,
+    tasks_dir: str | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int | str = 8,
+    limit: int | float | None = None,
+    cache_path: str | None = None,
+    apply_chat_template: bool = False,
+    max_length: int | None = None,
+) -> tuple[dict[str, LanguageScore], dict[str, Any]]:
+    """
+    Evaluates a loaded model (a `PreTrainedModel` or a `PeftModel`) with `lm_eval.simple_evaluate` and its
+    Hugging Face model class, and returns the scores per language and the harness's results (without the samples).
+
+    Args:
+        model, tokenizer: the model to evaluate and its tokenizer.
+        sources (`Sequence[EvalSource]`): what to evaluate, one source per language.
+        tasks_dir (`str`, *optional*): the folder holding the task YAMLs written by `write_local_tasks`; required
+            when a source is a local file.
+        num_fewshot (`int`, *optional*): few-shot examples per question (the tasks' own default when `None`).
+        batch_size (`int` or `"auto"`): the harness's batch size.
+        limit (`int` or `float`, *optional*): evaluate only the first items of each task (for quick checks).
+        cache_path (`str`, *optional*): the harness's response cache (an SQLite file per rank): an interrupted
+            evaluation with the same cache resumes where it stopped. It is keyed by the requests only, so give each
+            model its own path (see `model_fingerprint`).
+        apply_chat_template (`bool`): format the prompts with the tokenizer's chat template.
+        max_length (`int`, *optional*): the longest input; the model config's by default.
+    """
+    require_lm_eval()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if any(source.path is not None for source in sources) and tasks_dir is None:
+        raise ValueError("local evaluation files need `tasks_dir`, the folder `write_local_tasks` wrote them to")
+    if cache_path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+    harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    results = simple_evaluate(
+        model=harness_model,
+        tasks=[source.task for source in sources],
+        task_manager=TaskManager(include_path=tasks_dir) if tasks_dir else TaskManager(),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        use_cache=cache_path,
+        log_samples=True,
+        bootstrap_iters=0,
+        apply_chat_template=apply_chat_template,
+    )
+    scores = scores_from_results(results, sources)
+    summary = {key: value for key, value in results.items() if key != "samples"}
+    return scores, summary
+
+
+def accuracy_table(scores: Mapping[str, Mapping[str, LanguageScore]]) -> list[dict[str, object]]:
+    """One row per language: its item count and each model's score, plus `delta` (last minus first) for two models."""
+    names = list(scores)
+    first = scores[names[0]]
+    rows = []
+    for language, score in first.items():
+        row: dict[str, object] = {"language": language, "metric": score.metric, "items": score.items}
+        for name in names:
+            row[name] = scores[name][language].score
+        if len(names) == 2:
+            row["delta"] = scores[names[1]][language].score - scores[names[0]][language].score
+        rows.append(row)
+    return rows
+
+
+def category_table(scores: Mapping[str, Mapping[str, LanguageScore]]) -> list[dict[str, object]]:
+    """One row per language and subject category, for the sources whose items name a category."""
+    names = list(scores)
+    rows = []
+    for language, score in scores[names[0]].items():
+        for category, (items, _) in score.categories.items():
+            row: dict[str, object] = {"language": language, "category": category, "items": items}
+            for name in names:
+                row[name] = scores[name][language].categories[category][1]
+            rows.append(row)
+    return rows
+
+
+def plot_accuracy(scores: Mapping[str, Mapping[str, LanguageScore]], path: str) -> None:
+    """Grouped bar chart: per language, one bar per model."""
+    from .analysis import _pyplot
+
+    plt = _pyplot()
+    names = list(scores)
+    languages = list(scores[names[0]])
+    width = 0.8 / len(names)
+    figure, axis = plt.subplots(figsize=(1.2 + 1.1 * len(languages) * max(1, len(names) / 2), 3.6))
+    for index, name in enumerate(names):
+        positions = [position + (index - (len(names) - 1) / 2) * width for position in range(len(languages))]
+        values = [scores[name][language].score for language in languages]
+        bars = axis.bar(positions, values, width=width, label=name)
+        axis.bar_label(bars, labels=[f"{value:.2f}" for value in values], fontsize="x-small", padding=2)
+    axis.set_xticks(range(len(languages)), languages)
+    axis.set_ylim(0, 1.08)
+    axis.set_ylabel(scores[names[0]][languages[0]].metric)
+    axis.set_title("Accuracy per language")
+    axis.grid(axis="y", alpha=0.3)
+    if len(names) > 1:
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_eval_report(
+    scores: Mapping[str, Mapping[str, LanguageScore]], output_dir: str, summaries: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """
+    Writes `accuracy.md` and `accuracy.csv` (per language; per category too when the items have one),
+    `accuracy_by_category.csv`, `accuracy.png` and, when given, the harness's results per model as
+    `lm_eval_results_<model>.json` into `output_dir`. Returns the paths by kind.
+    """
+    from .analysis import markdown_table
+
+    os.makedirs(output_dir, exist_ok=True)
+    rows = accuracy_table(scores)
+    categories = category_table(scores)
+    paths = {
+        "markdown": os.path.join(output_dir, "accuracy.md"),
+        "csv": os.path.join(output_dir, "accuracy.csv"),
+        "chart": os.path.join(output_dir, "accuracy.png"),
+    }
+    with open(paths["markdown"], "w", encoding="utf-8") as handle:
+        handle.write("Accuracy per language (lm-evaluation-harness):\n\n" + markdown_table(rows) + "\n")
+        if categories:
+            handle.write("\nPer subject category:\n\n" + markdown_table(categories) + "\n")
+    _write_csv(paths["csv"], rows)
+    if categories:
+        paths["categories"] = os.path.join(output_dir, "accuracy_by_category.csv")
+        _write_csv(paths["categories"], categories)
+    plot_accuracy(scores, paths["chart"])
+    for name, summary in (summaries or {}).items():
+        key = "results_" + re.sub(r"[^0-9A-Za-z]", "_", name)
+        paths[key] = os.path.join(output_dir, f"lm_eval_{key}.json")
+        with open(paths[key], "w", encoding="utf-8") as handle:
+            json.dump(summary, handle, indent=2, default=str)
+    return paths
+
+
+def _write_csv(path: str, rows: list[dict[str, object]]) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
