@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .patching import RouterSite, get_routing_state
-from .routing import TokenSegments, pool_routing, token_segments
+from .routing import TokenSegments, pool_routing, pool_routing_from_router_input, token_segments
 
 _REENTRANT_CHECKPOINT_ERROR = (
     "A router ran under torch.no_grad() inside a forward that was opened with gradients enabled: this is gradient "
@@ -33,14 +33,33 @@ class RoutingCapture:
     not the `[tokens, n_experts]` logits of every layer. Open it with [`capture_routing`].
     """
 
-    def __init__(self, segments: TokenSegments, num_layers: int, sites: list[RouterSite], keep_scores: bool = False):
+    def __init__(
+        self,
+        segments: TokenSegments,
+        num_layers: int,
+        sites: list[RouterSite],
+        keep_scores: bool = False,
+        recompute_router_logits: bool = False,
+    ):
         self.segments = segments
         self.sites = sites
         self.pooled: list[torch.Tensor | None] = [None] * num_layers
         self.raw_scores: list[torch.Tensor | None] | None = [None] * num_layers if keep_scores else None
         self.grad_enabled = torch.is_grad_enabled()
+        self.recompute_router_logits = recompute_router_logits and self.grad_enabled
 
-    def record(self, layer: int, scores: torch.Tensor, site: RouterSite) -> None:
+    def record(
+        self,
+        layer: int,
+        scores: torch.Tensor,
+        site: RouterSite,
+        router_input: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> None:
+        """
+        Pools one router's scores. With `router_input` (the `(input, weight, bias)` of a linear router whose scores
+        are `F.linear(input, weight, bias)`), the backward recomputes the scores instead of keeping per-token
+        probabilities, see [`pool_routing_from_router_input`].
+        """
         if self.grad_enabled and not torch.is_grad_enabled():
             raise RuntimeError(_REENTRANT_CHECKPOINT_ERROR)
         if self.pooled[layer] is not None:
@@ -53,7 +72,10 @@ class RoutingCapture:
         # The pooling ops save what their backward needs themselves, outside any saved-tensor hooks: a non-reentrant
         # gradient checkpoint must not try to recompute them (its recomputation records nothing, see patch_model).
         with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
-            self.pooled[layer] = pool_routing(scores, site.scoring, self.segments)
+            if router_input is not None:
+                self.pooled[layer] = pool_routing_from_router_input(scores, *router_input, site.scoring, self.segments)
+            else:
+                self.pooled[layer] = pool_routing(scores, site.scoring, self.segments)
         if self.raw_scores is not None:
             self.raw_scores[layer] = scores.detach().reshape(-1, scores.shape[-1])
 
@@ -97,6 +119,19 @@ class RoutingCapture:
         return torch.stack(self.pooled, dim=1)  # type: ignore[arg-type]
 
 
+def activation_checkpointing(model: nn.Module) -> bool:
+    """
+    Whether `model` recomputes activations in backward: a layer with transformers' `gradient_checkpointing` flag on
+    (what `is_activation_checkpointing` reads, also inside a PEFT model), or FSDP's `CheckpointWrapper`.
+    """
+    if not model.training:
+        return False
+    return any(
+        getattr(module, "gradient_checkpointing", False) is True or type(module).__name__ == "CheckpointWrapper"
+        for module in model.modules()
+    )
+
+
 @contextmanager
 def capture_routing(
     model: nn.Module,
@@ -106,6 +141,7 @@ def capture_routing(
     token_mask: torch.Tensor | None = None,
     keep_scores: bool = False,
     sequence_ids: torch.Tensor | None = None,
+    recompute_router_logits: bool | None = None,
 ) -> Iterator[RoutingCapture]:
     """
     Opens a routing capture around one forward of a patched model.
@@ -135,6 +171,11 @@ def capture_routing(
         sequence_ids (`torch.LongTensor`, *optional*):
             `[batch, seq_len]` explicit sequence membership (-1 for padding), see [`token_segments`]; the id of each
             returned distribution's sequence is then `capture.segments.sequence_of_segment`.
+        recompute_router_logits (`bool`, *optional*):
+            For linear routers whose weight is trained: keep nothing per token for the pooling's backward and
+            recompute the router logits from the router's input there (which the router itself keeps), so the memory
+            the capture adds does not grow with the tokens. Defaults to `True` unless activation checkpointing is
+            on (a checkpoint frees the router's input, which the recomputation would then keep alive).
 
     Yields:
         [`RoutingCapture`]: whose `distributions()` is ready once the forward has run.
@@ -149,7 +190,11 @@ def capture_routing(
         raise RuntimeError("A routing capture is already open on this model; captures cannot be nested.")
     device = next((t.device for t in (attention_mask, sequence_ids, position_ids) if t is not None), None)
     segments = token_segments(input_shape, attention_mask, position_ids, token_mask, device, sequence_ids)
-    capture = RoutingCapture(segments, len(state.captured_layers), state.captured_sites, keep_scores)
+    if recompute_router_logits is None:
+        recompute_router_logits = not activation_checkpointing(model)
+    capture = RoutingCapture(
+        segments, len(state.captured_layers), state.captured_sites, keep_scores, recompute_router_logits
+    )
     state.active = capture
     try:
         yield capture

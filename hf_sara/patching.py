@@ -256,18 +256,41 @@ class RouterHook:
         self.state = state
         self.layer = layer
         self.site = site
+        self.linear_router: bool | None = None  # whether the scores are `F.linear(input, weight, bias)`, checked once
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
         capture = self.state.active
         if capture is None:  # no capture open: inference, generation, or a checkpoint's backward recomputation
             return
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        recompute = capture.recompute_router_logits and isinstance(weight, torch.Tensor) and weight.requires_grad
         if self.site.output_index is None:
-            scores = F.linear(args[0], module.weight, getattr(module, "bias", None))
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not recompute):
+                scores = F.linear(args[0], module.weight, bias)
         elif isinstance(output, torch.Tensor):
             scores = output
         else:
             scores = output[self.site.output_index]
-        capture.record(self.layer, scores, self.site)
+        if recompute and self.site.output_index is not None:
+            recompute = self._is_linear_router(args[0], weight, bias, scores)
+        router_input = (args[0], weight, bias if isinstance(bias, torch.Tensor) else None) if recompute else None
+        capture.record(self.layer, scores, self.site, router_input)
+
+    def _is_linear_router(self, router_input: Any, weight: torch.Tensor, bias: Any, scores: torch.Tensor) -> bool:
+        """Whether the router's scores are exactly `F.linear` of its input (checked on the first capture)."""
+        if self.linear_router is None:
+            self.linear_router = False
+            plain = isinstance(router_input, torch.Tensor) and weight.dim() == 2
+            if plain and (bias is None or isinstance(bias, torch.Tensor)):
+                with torch.no_grad():
+                    try:
+                        recomputed = F.linear(router_input, weight, bias)
+                    except RuntimeError:
+                        return False
+                    self.linear_router = recomputed.shape[-1] == scores.shape[-1] and torch.equal(
+                        recomputed.reshape(-1, recomputed.shape[-1]), scores.reshape(-1, scores.shape[-1])
+                    )
+        return self.linear_router
 
 
 def patch_model(model: nn.Module, layers: LayerSelection = "all") -> nn.Module:

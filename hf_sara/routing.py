@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from .families import PROBABILITIES, SIGMOID, SOFTMAX
@@ -208,3 +209,53 @@ def pool_routing(scores: torch.Tensor, scoring: str, segments: TokenSegments) ->
     sums = probabilities.new_zeros(segments.num_segments, probabilities.shape[-1])
     sums = sums.index_add(0, segments.segment_of_token, probabilities)
     return sums / segments.counts[:, None]
+
+
+class _PooledRoutingFromRouterInput(torch.autograd.Function):
+    """
+    `pool_routing` of a linear router's logits whose backward recomputes the logits from the router's input.
+
+    The forward pools the logits the model computed and saves only the router's input, weight and bias, which the
+    router's own linear layer already keeps for its backward: the pooling adds nothing per token to what autograd
+    keeps. The backward runs `F.linear` again and backpropagates through the pooled scores into the input, the weight
+    and the bias, exactly as autograd would have through the original logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, router_input, weight, bias, scoring, segments):  # noqa: D102
+        ctx.scoring, ctx.segments, ctx.has_bias = scoring, segments, bias is not None
+        ctx.save_for_backward(router_input, weight, *(() if bias is None else (bias,)))
+        return pool_routing(logits.detach(), scoring, segments)
+
+    @staticmethod
+    def backward(ctx, grad_pooled):  # noqa: D102
+        router_input, weight, *bias = ctx.saved_tensors
+        tensors = [router_input, weight, *bias]
+        needs = ctx.needs_input_grad[1 : 1 + len(tensors)]
+        with torch.enable_grad():
+            leaves = [tensor.detach().requires_grad_(need) for tensor, need in zip(tensors, needs, strict=True)]
+            logits = F.linear(leaves[0], leaves[1], leaves[2] if ctx.has_bias else None)
+            pooled = pool_routing(logits, ctx.scoring, ctx.segments)
+            wanted = [leaf for leaf in leaves if leaf.requires_grad]
+            grads = iter(torch.autograd.grad(pooled, wanted, grad_pooled) if wanted else ())
+        input_grads = [next(grads) if leaf.requires_grad else None for leaf in leaves]
+        if not ctx.has_bias:
+            input_grads.append(None)
+        return None, *input_grads, None, None
+
+
+def pool_routing_from_router_input(
+    logits: torch.Tensor,
+    router_input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scoring: str,
+    segments: TokenSegments,
+) -> torch.Tensor:
+    """
+    [`pool_routing`] for a linear router, `logits == F.linear(router_input, weight, bias)`, whose gradient flows into
+    `router_input`, `weight` and `bias` through a recomputation of the logits in backward instead of through saved
+    per-token probabilities. What autograd keeps for it is then the router's input and weight, which the router's
+    linear layer keeps anyway (when its weight is trained): the extra memory no longer grows with the tokens.
+    """
+    return _PooledRoutingFromRouterInput.apply(logits, router_input, weight, bias, scoring, segments)
