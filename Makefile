@@ -22,8 +22,8 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check hf_sara tests examples utils
-	$(BIN)/ruff format --check hf_sara tests examples utils
+	$(BIN)/ruff check hf_sara tests examples utils benchmarks
+	$(BIN)/ruff format --check hf_sara tests examples utils benchmarks
 
 families-table: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python utils/families_table.py --write README.md
