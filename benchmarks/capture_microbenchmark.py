@@ -8,8 +8,11 @@ Times (median of repeated runs, round-robin in one process, training mode with a
 - `forward + capture`: the same forward inside `capture_routing` (the hooks pool every layer);
 - `loss`: `sara_alignment_loss` forward and backward on the pooled `[batch, layers, experts]` distributions.
 
-Memory kept for backward, counted exactly (bytes of the tensors autograd saves, and of the outputs kept):
-- SARA: what the capture's pooling saves for its backward plus the pooled distributions;
+Memory kept beyond what the model's own forward keeps for backward, counted exactly (bytes of distinct storages):
+- model's own: everything the model's forward saves for its backward (activations and parameters), for scale;
+- SARA: what the capture's pooling saves for its backward and the model does not save already, the pooled
+  distributions and the batch's two token-index tensors; without activation checkpointing (router logits recomputed
+  in backward from the router's input, the default) and with it (the pooling keeps fp32 probabilities per token);
 - aux path: the per-layer router logits that `output_router_logits=True` returns, plus what transformers'
   `load_balancing_loss_func` saves for its backward.
 """
@@ -47,6 +50,29 @@ class SavedBytes:
     @property
     def total(self) -> int:
         return sum(self.storages.values())
+
+
+def extra_kept_by_capture(model, ids, mask, recompute: bool) -> int:
+    """
+    Bytes the capture keeps beyond what the model's forward keeps anyway: tensors its pooling saves for backward that
+    the model does not save too, the pooled distributions, and the batch's token-index tensors.
+    """
+    model_saved, pooling_saved = SavedBytes(), SavedBytes()
+    original = capture_module._identity
+    capture_module._identity = pooling_saved.pack  # the pooling saves under its own hooks
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(model_saved.pack, lambda tensor: tensor):
+            with capture_routing(model, ids.shape, mask, recompute_router_logits=recompute) as capture:
+                outputs = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+            pooled = capture.distributions()
+    finally:
+        capture_module._identity = original
+    shared = model_saved.storages.keys() | {p.untyped_storage().data_ptr() for p in model.parameters()}
+    extra = sum(size for ptr, size in pooling_saved.storages.items() if ptr not in shared)
+    segments = capture.segments
+    indices = sum(t.nelement() * t.element_size() for t in (segments.token_index, segments.segment_of_token))
+    del outputs
+    return extra + pooled.nelement() * pooled.element_size() + indices
 
 
 def model_for(experts: int, seq_len: int, hidden: int, layers: int) -> Qwen3MoeForCausalLM:
@@ -95,26 +121,31 @@ def run(seq_len: int, experts: int, args) -> dict[str, float]:
                 times[name].append(elapsed)
     medians = {name: statistics.median(values) for name, values in times.items()}
 
-    # Memory kept for backward by the capture: count what its pooling saves (it saves outside other hooks).
-    counter = SavedBytes()
-    original = capture_module._identity
-    capture_module._identity = counter.pack
-    try:
-        with capture_routing(model, ids.shape, mask) as capture:
-            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
-        pooled = capture.distributions()
-    finally:
-        capture_module._identity = original
-    sara_bytes = counter.total + pooled.nelement() * pooled.element_size()
+    # Memory kept for backward beyond the model's own: with and without activation checkpointing (which turns the
+    # recomputation of router logits off), and the aux-loss path.
+    sara_bytes = {recompute: extra_kept_by_capture(model, ids, mask, recompute) for recompute in (True, False)}
 
     # The aux-loss path: the router logits it returns, and what the load-balancing loss saves for backward.
-    outputs = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1, output_router_logits=True)
-    logits_bytes = sum(t.nelement() * t.element_size() for t in outputs.router_logits)
-    aux_counter = SavedBytes()
-    with torch.autograd.graph.saved_tensors_hooks(aux_counter.pack, lambda tensor: tensor):
+    model_saved = SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(model_saved.pack, lambda tensor: tensor):
+        outputs = model(
+            input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1, output_router_logits=True
+        )
         load_balancing_loss_func(outputs.router_logits, experts, 2, mask)
-    aux_bytes = logits_bytes + aux_counter.total
-    return {**medians, "sara_bytes": sara_bytes, "aux_bytes": aux_bytes}
+    for logits in outputs.router_logits:  # kept as outputs (counted once if the loss saves them too)
+        model_saved.pack(logits)
+    own = SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(own.pack, lambda tensor: tensor):
+        plain = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+    aux_bytes = model_saved.total - own.total
+    del outputs, plain
+    return {
+        **medians,
+        "sara_bytes": sara_bytes[True],
+        "sara_checkpointed_bytes": sara_bytes[False],
+        "aux_bytes": aux_bytes,
+        "model_bytes": own.total,
+    }
 
 
 def main() -> None:
@@ -134,17 +165,20 @@ def main() -> None:
         "Times on a 2-core machine are dominated by allocation page faults (the ratio column swings by tens of "
         "percent between runs): read the step benchmark for end-to-end cost. The memory columns are exact counts.",
         "",
-        "| seq | experts | forward ms | forward + capture / forward | loss fwd+bwd ms | kept for backward: SARA MiB "
-        "| aux path MiB | aux / SARA |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seq | experts | forward ms | forward + capture / forward | loss fwd+bwd ms | model's own MiB | SARA MiB "
+        "| SARA / model's own | SARA, probabilities kept MiB | aux path MiB | aux / SARA "
+        "| aux / SARA, probabilities kept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for seq_len, experts in CONFIGS:
         result = run(seq_len, experts, args)
         row = [
             str(seq_len), str(experts), f"{result['forward'] * 1e3:.1f}",
             f"{result['capture'] / result['forward']:.3f}", f"{result['loss'] * 1e3:.2f}",
-            f"{result['sara_bytes'] / 2**20:.2f}", f"{result['aux_bytes'] / 2**20:.2f}",
-            f"{result['aux_bytes'] / result['sara_bytes']:.1f}",
+            f"{result['model_bytes'] / 2**20:.1f}", f"{result['sara_bytes'] / 2**20:.3f}",
+            f"{result['sara_bytes'] / result['model_bytes']:.2%}", f"{result['sara_checkpointed_bytes'] / 2**20:.3f}",
+            f"{result['aux_bytes'] / 2**20:.2f}", f"{result['aux_bytes'] / result['sara_bytes']:.0f}",
+            f"{result['aux_bytes'] / result['sara_checkpointed_bytes']:.1f}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], flush=True)
