@@ -68,8 +68,8 @@ def _kept_by_the_pooling(model, recompute, seq_len):
                 outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         capture_module._identity = original
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    extra = {ptr: size for ptr, size in pooling_saved.sizes.items() if ptr not in model_saved.sizes.keys() | parameters}
+    shared = model_saved.sizes.keys() | {p.untyped_storage().data_ptr() for p in model.parameters()}
+    extra = {ptr: size for ptr, size in pooling_saved.sizes.items() if ptr not in shared}
     del outputs, capture
     return sum(extra.values())
 
