@@ -318,10 +318,12 @@ def eval_command(argv: list[str]) -> int:
     from .eval_files import sample_eval_files
     from .evaluation import (
         accuracy_table,
+        check_task_names,
         evaluate_model,
         model_fingerprint,
         parse_sources,
         require_lm_eval,
+        task_manager_for,
         write_eval_report,
         write_local_tasks,
     )
@@ -336,7 +338,10 @@ def eval_command(argv: list[str]) -> int:
     files = args.files or ([] if args.tasks else [f"{lang}={path}" for lang, path in sample_eval_files().items()])
     sources = parse_sources(args.tasks, files)
     tasks_dir = os.path.join(args.output_dir, "harness_tasks")
-    write_local_tasks(sources, tasks_dir)
+    task_manager = task_manager_for()
+    check_task_names(sources, task_manager)  # before loading the model, which can take minutes
+    if write_local_tasks(sources, tasks_dir):  # validated row by row before anything is written
+        task_manager = task_manager_for(tasks_dir)
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -357,6 +362,7 @@ def eval_command(argv: list[str]) -> int:
             tokenizer,
             sources,
             tasks_dir=tasks_dir,
+            task_manager=task_manager,
             num_fewshot=args.num_fewshot,
             batch_size=batch_size,
             limit=limit,

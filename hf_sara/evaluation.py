@@ -103,7 +103,8 @@ def write_local_tasks(sources: Sequence[EvalSource], directory: str) -> list[str
     the packaged template of its schema. Returns the written task files. Nothing is written if a file is malformed.
     """
     local = [(source, *load_eval_file(source.path)) for source in sources if source.path is not None]
-    os.makedirs(directory, exist_ok=True)
+    if local:
+        os.makedirs(directory, exist_ok=True)
     written = []
     for source, schema, rows in local:
         data_path = os.path.join(directory, f"{source.task}.jsonl")
@@ -118,6 +119,26 @@ def write_local_tasks(sources: Sequence[EvalSource], directory: str) -> list[str
             handle.write(f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(os.path.abspath(data_path))}\n")
         written.append(task_path)
     return written
+
+
+def task_manager_for(tasks_dir: str | None = None):
+    """The harness's `TaskManager`, with the tasks `write_local_tasks` wrote to `tasks_dir` registered."""
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=tasks_dir) if tasks_dir else TaskManager()
+
+
+def check_task_names(sources: Sequence[EvalSource], task_manager) -> None:
+    """Refuses, before any model is loaded, task names the harness does not know, suggesting close ones."""
+    import difflib
+
+    known = task_manager.all_tasks
+    for source in sources:
+        if source.path is None and source.task not in known:
+            close = difflib.get_close_matches(source.task, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else " (`lm_eval ls tasks` lists them)"
+            raise ValueError(f"lm-evaluation-harness has no task or group {source.task!r}{hint}")
 
 
 def model_fingerprint(*references: str | None) -> str:
@@ -206,22 +227,27 @@ def evaluate_model(
     sources: Sequence[EvalSource],
     *,
     tasks_dir: str | None = None,
+    task_manager=None,
     num_fewshot: int | None = None,
     batch_size: int | str = 8,
     limit: int | float | None = None,
     cache_path: str | None = None,
     apply_chat_template: bool = False,
     max_length: int | None = None,
+    keep_samples: bool = False,
 ) -> tuple[dict[str, LanguageScore], dict[str, Any]]:
     """
     Evaluates a loaded model (a `PreTrainedModel` or a `PeftModel`) with `lm_eval.simple_evaluate` and its
-    Hugging Face model class, and returns the scores per language and the harness's results (without the samples).
+    Hugging Face model class, and returns the scores per language and the harness's results (without the per-item
+    samples unless `keep_samples`).
 
     Args:
         model, tokenizer: the model to evaluate and its tokenizer.
         sources (`Sequence[EvalSource]`): what to evaluate, one source per language.
         tasks_dir (`str`, *optional*): the folder holding the task YAMLs written by `write_local_tasks`; required
             when a source is a local file.
+        task_manager (`lm_eval.tasks.TaskManager`, *optional*): reuse one (indexing the harness's tasks takes
+            seconds); by default one is made for `tasks_dir`.
         num_fewshot (`int`, *optional*): few-shot examples per question (the tasks' own default when `None`).
         batch_size (`int` or `"auto"`): the harness's batch size.
         limit (`int` or `float`, *optional*): evaluate only the first items of each task (for quick checks).
@@ -230,13 +256,14 @@ def evaluate_model(
             model its own path (see `model_fingerprint`).
         apply_chat_template (`bool`): format the prompts with the tokenizer's chat template.
         max_length (`int`, *optional*): the longest input; the model config's by default.
+        keep_samples (`bool`): also return the harness's per-item samples (prompts, answers, scores) under
+            `"samples"`.
     """
     require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    if any(source.path is not None for source in sources) and tasks_dir is None:
+    if any(source.path is not None for source in sources) and tasks_dir is None and task_manager is None:
         raise ValueError("local evaluation files need `tasks_dir`, the folder `write_local_tasks` wrote them to")
     if cache_path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
@@ -244,7 +271,7 @@ def evaluate_model(
     results = simple_evaluate(
         model=harness_model,
         tasks=[source.task for source in sources],
-        task_manager=TaskManager(include_path=tasks_dir) if tasks_dir else TaskManager(),
+        task_manager=task_manager or task_manager_for(tasks_dir),
         num_fewshot=num_fewshot,
         limit=limit,
         use_cache=cache_path,
@@ -253,7 +280,7 @@ def evaluate_model(
         apply_chat_template=apply_chat_template,
     )
     scores = scores_from_results(results, sources)
-    summary = {key: value for key, value in results.items() if key != "samples"}
+    summary = {key: value for key, value in results.items() if keep_samples or key != "samples"}
     return scores, summary
 
 

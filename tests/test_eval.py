@@ -169,6 +169,22 @@ class TestHarness:
         assert set(scores["sw"].categories) == {"STEM", "Social Sciences", "Humanities", "Other"}
         assert scores["zh"].categories == {}
 
+    def test_few_shot_uses_other_questions_of_the_file(self, tiny, sample_sources, tmp_path):
+        model, tokenizer = tiny
+        write_local_tasks(sample_sources[1:2], str(tmp_path))
+        scores, summary = evaluate_model(
+            model, tokenizer, sample_sources[1:2], tasks_dir=str(tmp_path), num_fewshot=2, keep_samples=True
+        )
+        assert summary["n-shot"]["hf_sara_sw"] == 2 and scores["sw"].items == 8
+        samples = summary["samples"]["hf_sara_sw"]
+        assert len(samples) == 8
+        for sample in samples:
+            context, continuation = sample["arguments"][0]
+            question = sample["doc"]["question"]
+            assert continuation == " A" and context.count("\nAnswer:") == 3  # two solved examples, then the question
+            assert context.count(question) == 1 and context.split("\n\n")[-1].startswith(question)
+            assert context.split("\n\n")[0].split("\nAnswer: ")[1] in "ABCD"
+
     def test_cache_resumes_without_the_model(self, tiny, sample_sources, tmp_path):
         model, tokenizer = tiny
         write_local_tasks(sample_sources, str(tmp_path / "tasks"))
@@ -220,6 +236,15 @@ class TestCommand:
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert "row 1: missing column 'option_c'" in error and "Traceback" not in error
         assert not (tmp_path / "out").exists()
+
+    def test_unknown_harness_task_is_refused_before_loading(self, tmp_path, capsys):
+        output = tmp_path / "out"
+        # The model is checked for existence only: the task names are refused before it would be loaded.
+        code = main(["eval", "--model", str(tmp_path), "--tasks", "belebele_swh_Latm", "--output-dir", str(output)])
+        assert code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "no task or group 'belebele_swh_Latm'; did you mean belebele_swh_Latn" in error
+        assert not output.exists()
 
     def test_missing_harness_is_explained(self, tiny_model_dir, tmp_path, capsys, monkeypatch):
         monkeypatch.setitem(sys.modules, "lm_eval", None)
