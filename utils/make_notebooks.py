@@ -13,15 +13,15 @@ import nbformat
 OUTPUT = Path(__file__).resolve().parent.parent / "examples" / "notebooks"
 
 INSTALL = """\
-# On Colab: install hf_sara (with matplotlib for the figures). Set HF_SARA_SOURCE to a path or git URL of the
-# repository if you install from source.
+# On Colab: install hf_sara (with matplotlib for the figures, lm-evaluation-harness for `eval`). Set HF_SARA_SOURCE
+# to a path or git URL of the repository if you install from source.
 import importlib.util
 import os
 import subprocess
 import sys
 
 if importlib.util.find_spec("hf_sara") is None:
-    source = os.environ.get("HF_SARA_SOURCE", "hf_sara[analysis]")
+    source = os.environ.get("HF_SARA_SOURCE", "hf_sara[analysis,eval]")
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", source])"""
 
 SETUP = """\
@@ -121,6 +121,22 @@ display(Image(paths["layers"]))""",
     ),
     (
         "markdown",
+        "## Accuracy per language\n\n`hf-sara eval` runs lm-evaluation-harness on the base model and then with the "
+        "adapter: Global-MMLU Lite and BELEBELE in Swahili here, a table and a bar chart. (The offline test run uses "
+        "the small sample files shipped with hf_sara instead.) Drop `--limit` for the full test sets.",
+    ),
+    (
+        "code",
+        """\
+from hf_sara.cli import main as hf_sara
+
+EVAL_DIR = os.path.join(OUTPUT_DIR, "eval")
+tasks = [] if TINY else ["--tasks", "mmlu_sw=global_mmlu_sw", "belebele_sw=belebele_swh_Latn", "--limit", "100"]
+assert hf_sara(["eval", "--model", MODEL, "--adapter", OUTPUT_DIR, "--output-dir", EVAL_DIR, *tasks]) == 0
+display(Image(os.path.join(EVAL_DIR, "accuracy.png")))""",
+    ),
+    (
+        "markdown",
         "## Push the adapter to the Hub\n\nLog in first (`from huggingface_hub import notebook_login; "
         "notebook_login()`) and choose a repository name.",
     ),
@@ -140,7 +156,8 @@ TRAIN_ANALYZE_PUSH = [
     (
         "markdown",
         "# Train, analyze, push\n\nSARA fine-tuning with LoRA, a before/after routing analysis of the saved "
-        "adapter with figures, and the adapter pushed to the Hub with a model card that records the SARA settings.",
+        "adapter with figures, accuracy per language with lm-evaluation-harness, and the adapter pushed to the Hub "
+        "with a model card that records the SARA settings.",
     ),
     ("code", INSTALL),
     ("code", SETUP),
