@@ -217,31 +217,28 @@ class _PooledRoutingFromRouterInput(torch.autograd.Function):
 
     The forward pools the logits the model computed and saves only the router's input, weight and bias, which the
     router's own linear layer already keeps for its backward: the pooling adds nothing per token to what autograd
-    keeps. The backward runs `F.linear` again and backpropagates through the pooled scores into the input, the weight
-    and the bias, exactly as autograd would have through the original logits.
+    keeps. The backward runs `F.linear` once more, backpropagates through the pooled scores, and returns the gradient
+    of the logits, which autograd adds to the model's own before the router's linear backward runs (once).
     """
 
     @staticmethod
     def forward(ctx, logits, router_input, weight, bias, scoring, segments):  # noqa: D102
-        ctx.scoring, ctx.segments, ctx.has_bias = scoring, segments, bias is not None
+        ctx.scoring, ctx.segments = scoring, segments
+        ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
         ctx.save_for_backward(router_input, weight, *(() if bias is None else (bias,)))
         return pool_routing(logits.detach(), scoring, segments)
 
     @staticmethod
     def backward(ctx, grad_pooled):  # noqa: D102
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
         router_input, weight, *bias = ctx.saved_tensors
-        tensors = [router_input, weight, *bias]
-        needs = ctx.needs_input_grad[1 : 1 + len(tensors)]
+        with torch.no_grad():
+            logits = F.linear(router_input, weight, bias[0] if bias else None)
         with torch.enable_grad():
-            leaves = [tensor.detach().requires_grad_(need) for tensor, need in zip(tensors, needs, strict=True)]
-            logits = F.linear(leaves[0], leaves[1], leaves[2] if ctx.has_bias else None)
-            pooled = pool_routing(logits, ctx.scoring, ctx.segments)
-            wanted = [leaf for leaf in leaves if leaf.requires_grad]
-            grads = iter(torch.autograd.grad(pooled, wanted, grad_pooled) if wanted else ())
-        input_grads = [next(grads) if leaf.requires_grad else None for leaf in leaves]
-        if not ctx.has_bias:
-            input_grads.append(None)
-        return None, *input_grads, None, None
+            logits = logits.reshape(-1, logits.shape[-1]).requires_grad_()
+            (grad_logits,) = torch.autograd.grad(pool_routing(logits, ctx.scoring, ctx.segments), logits, grad_pooled)
+        return grad_logits.reshape(ctx.logits_shape).to(ctx.logits_dtype), None, None, None, None, None
 
 
 def pool_routing_from_router_input(
@@ -253,9 +250,9 @@ def pool_routing_from_router_input(
     segments: TokenSegments,
 ) -> torch.Tensor:
     """
-    [`pool_routing`] for a linear router, `logits == F.linear(router_input, weight, bias)`, whose gradient flows into
-    `router_input`, `weight` and `bias` through a recomputation of the logits in backward instead of through saved
-    per-token probabilities. What autograd keeps for it is then the router's input and weight, which the router's
-    linear layer keeps anyway (when its weight is trained): the extra memory no longer grows with the tokens.
+    [`pool_routing`] for a linear router, `logits == F.linear(router_input, weight, bias)`, whose backward recomputes
+    the logits instead of keeping per-token probabilities. What autograd keeps for it is then the router's input and
+    weight, which the router's linear layer keeps anyway (when its weight is trained): the extra memory no longer
+    grows with the tokens. The gradient flows into `logits`, so the router's own linear backward runs once.
     """
     return _PooledRoutingFromRouterInput.apply(logits, router_input, weight, bias, scoring, segments)
