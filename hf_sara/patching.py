@@ -265,7 +265,7 @@ class RouterHook:
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         recompute = capture.recompute_router_logits and isinstance(weight, torch.Tensor) and weight.requires_grad
         if self.site.output_index is None:
-            scores = F.linear(args[0], module.weight, bias)  # saves the input and weight the router saves already
+            scores = F.linear(args[0], weight, bias)  # saves the input and weight the router saves already
         elif isinstance(output, torch.Tensor):
             scores = output
         else:
