@@ -146,6 +146,14 @@ def markdown_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def write_csv(path: str, rows: list[dict[str, object]]) -> None:
+    """Writes table rows (dicts with the same keys) as a CSV file with a header."""
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -224,10 +232,7 @@ def write_report(
     with open(paths["markdown"], "w", encoding="utf-8") as handle:
         handle.write(f"Mean JS divergence between each language's routing and its anchors' ({scope}):\n\n")
         handle.write(markdown_table(rows) + "\n")
-    with open(paths["csv"], "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(paths["csv"], rows)
     plot_layer_divergence(reports, paths["layers"], aligned)
     for name, report in reports.items():
         key = "usage_" + "".join(ch if ch.isalnum() else "_" for ch in name)

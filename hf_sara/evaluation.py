@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -346,7 +345,7 @@ def write_eval_report(
     `accuracy_by_category.csv`, `accuracy.png` and, when given, the harness's results per model as
     `lm_eval_results_<model>.json` into `output_dir`. Returns the paths by kind.
     """
-    from .analysis import markdown_table
+    from .analysis import markdown_table, write_csv
 
     os.makedirs(output_dir, exist_ok=True)
     rows = accuracy_table(scores)
@@ -360,10 +359,10 @@ def write_eval_report(
         handle.write("Accuracy per language (lm-evaluation-harness):\n\n" + markdown_table(rows) + "\n")
         if categories:
             handle.write("\nPer subject category:\n\n" + markdown_table(categories) + "\n")
-    _write_csv(paths["csv"], rows)
+    write_csv(paths["csv"], rows)
     if categories:
         paths["categories"] = os.path.join(output_dir, "accuracy_by_category.csv")
-        _write_csv(paths["categories"], categories)
+        write_csv(paths["categories"], categories)
     plot_accuracy(scores, paths["chart"])
     for name, summary in (summaries or {}).items():
         key = "results_" + re.sub(r"[^0-9A-Za-z]", "_", name)
@@ -371,10 +370,3 @@ def write_eval_report(
         with open(paths[key], "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2, default=str)
     return paths
-
-
-def _write_csv(path: str, rows: list[dict[str, object]]) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
