@@ -54,19 +54,6 @@ def word_tokenizer(texts: list[str]):
     )
 
 
-def tiny_moe(tokenizer, seed: int):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen3MoeConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )  # fmt: skip
-    return Qwen3MoeForCausalLM(config)
-
-
 def training_arguments(output_dir: str, steps: int, learning_rate: float, seed: int, batch_size: int) -> dict:
     return dict(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
@@ -101,6 +88,7 @@ def run_seed(seed: int, pretrain_steps: int, finetune_steps: int, sara_weight: f
 
     from hf_sara import SARAConfig, SARATrainer, patch_model
     from hf_sara.analysis import analyze_routing
+    from hf_sara.demo import demo_model
 
     logging.set_verbosity_error()
     world = World(seed)
@@ -109,7 +97,7 @@ def run_seed(seed: int, pretrain_steps: int, finetune_steps: int, sara_weight: f
     finetune = Dataset.from_list(world.qa_pairs(world.shared_entities))
 
     start = time.perf_counter()
-    base = tiny_moe(tokenizer, seed)
+    base = demo_model(tokenizer, seed)  # the demo's tiny Qwen3-MoE: 4 layers, 8 experts, top-2
     SFTTrainer(
         model=base,
         args=SFTConfig(
