@@ -1,22 +1,25 @@
-"""Offline anchors: the anchors' routing under the model before training, computed once and stored in safetensors."""
+"""Offline anchors: the anchors' routing under the model before training, computed once (split across ranks) and
+stored in one memory-mapped safetensors file."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers.utils import logging
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from .anchor_file import AnchorFileWriter, MappedAnchorFile
 from .capture import capture_routing
-from .collator import SEQUENCE_IDS_KEY
+from .data import ROW_COLUMN
+from .distributed import full_parameters, rank_batches
 from .patching import get_routing_state
 
 logger = logging.get_logger(__name__)
@@ -47,20 +50,52 @@ def pooling_token_mask(labels: torch.Tensor | None, pooling: str) -> torch.Tenso
 
 def router_checksum(model: nn.Module) -> str:
     """
-    SHA-256 of the captured routers' base weights (adapter weights left out), to recognise the model anchors were
-    computed with.
+    SHA-256 of the captured routers' full base weights (adapter weights left out), to recognise the model anchors
+    were computed with. Parameters sharded by DeepSpeed ZeRO-3 or FSDP2 are gathered first, so every engine and every
+    rank gets the checksum of the same full weights; every rank must call it.
     """
     state = get_routing_state(model)
     if state is None:
         raise ValueError("Patch the model with `hf_sara.patch_model` first.")
-    digest = hashlib.sha256()
+    named = []
     for site in state.captured_sites:
         for name, parameter in sorted(model.get_submodule(site.name).named_parameters()):
-            if "lora_" in name or "modules_to_save." in name:
-                continue
+            if "lora_" not in name and "modules_to_save." not in name:
+                named.append((name, parameter))
+    digest = hashlib.sha256()
+    with full_parameters([parameter for _, parameter in named]) as values:
+        for (name, _), value in zip(named, values, strict=True):
             digest.update(name.encode())
-            digest.update(parameter.detach().float().cpu().numpy().tobytes())
+            digest.update(value.float().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _default_collator(model: nn.Module) -> Callable:
+    pad_token_id = getattr(model.config.get_text_config(), "pad_token_id", None) or 0
+    return DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+
+
+@torch.no_grad()
+def _pool_rows(model: nn.Module, rows: Dataset, data_collator: Callable, pooling: str, device) -> torch.Tensor:
+    """Routing distributions `[len(rows), n_moe_layers, n_experts]` of tokenized rows, from one forward."""
+    batch = data_collator([{key: row[key] for key in ("input_ids", "labels") if key in row} for row in rows])
+    batch = {key: value.to(device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
+    token_mask = pooling_token_mask(batch.pop("labels", None), pooling)
+    with capture_routing(
+        model, batch["input_ids"].shape, batch.get("attention_mask"), batch.get("position_ids"), token_mask
+    ) as capture:
+        model(**batch, use_cache=False, logits_to_keep=1)
+    return capture.distributions().float()
+
+
+def _check_computable(model: nn.Module, dataset: Dataset) -> None:
+    if get_routing_state(model) is None:
+        raise ValueError("Patch the model with `hf_sara.patch_model(model)` before computing anchor distributions.")
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(
+            f"The anchors to compute have no `input_ids` column (columns: {dataset.column_names}): pass tokenized "
+            "rows (as `SARATrainer` prepares them), not raw text."
+        )
 
 
 @torch.no_grad()
@@ -73,7 +108,8 @@ def compute_anchor_distributions(
     desc: str = "Computing anchor routing",
 ) -> torch.Tensor:
     """
-    Routing distributions of a tokenized dataset under `model` as it is now: the offline anchors of SARA.
+    Routing distributions of a tokenized dataset under `model` as it is now: the offline anchors of SARA, in one
+    process (a trainer splits them across its ranks, see [`OfflineAnchors.compute`]).
 
     Runs the model in eval mode without gradient, and without building the logits (`logits_to_keep=1`).
 
@@ -94,68 +130,268 @@ def compute_anchor_distributions(
     Returns:
         `torch.Tensor` of shape `[len(dataset), n_moe_layers, n_experts]`, fp32, on the CPU.
     """
-    if get_routing_state(model) is None:
-        raise ValueError("Patch the model with `hf_sara.patch_model(model)` before computing anchor distributions.")
-    if data_collator is None:
-        pad_token_id = getattr(model.config.get_text_config(), "pad_token_id", None) or 0
-        data_collator = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
-    columns = [name for name in ("input_ids", "labels") if name in dataset.column_names]
+    _check_computable(model, dataset)
+    data_collator = data_collator or _default_collator(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    rows_to_pool = dataset.select_columns(columns)
     results = []
     try:
         for start in logging.tqdm(range(0, len(dataset), batch_size), desc=desc):
-            rows = rows_to_pool.select(range(start, min(start + batch_size, len(dataset))))
-            batch = data_collator(list(rows))
-            batch.pop(SEQUENCE_IDS_KEY, None)
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            labels = batch.pop("labels", None)
-            token_mask = pooling_token_mask(labels, pooling)
-            input_ids = batch["input_ids"]
-            with capture_routing(
-                model, input_ids.shape, batch.get("attention_mask"), batch.get("position_ids"), token_mask
-            ) as capture:
-                model(**batch, use_cache=False, logits_to_keep=1)
-            results.append(capture.distributions().cpu())
+            rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
+            results.append(_pool_rows(model, rows, data_collator, pooling, device).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(results) if results else torch.empty(0)
+    if not results:
+        state = get_routing_state(model)
+        return torch.zeros(0, len(state.captured_layers), 0)
+    return torch.cat(results)
 
 
 def save_anchor_distributions(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> None:
     """
-    Writes anchor tensors and their metadata to a safetensors file, atomically (a temporary file renamed into place,
-    so an interrupted write never leaves a half-written file).
+    Writes anchor tensors (fp32 distributions, boolean `has_anchor`) and their metadata to a safetensors file,
+    atomically (a temporary file renamed into place, so an interrupted write never leaves a half-written file).
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({key: value.contiguous() for key, value in tensors.items()}, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    shapes = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()}
+    with AnchorFileWriter(path, shapes, metadata) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, slice(None), tensor)
+        writer.commit()
 
 
 def load_anchor_distributions(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Reads a file written by [`save_anchor_distributions`]; returns its tensors and metadata."""
-    from safetensors import safe_open
+    """Reads a whole file written by [`save_anchor_distributions`]; returns its tensors and metadata."""
+    anchors = MappedAnchorFile(path)
+    _check_format(anchors)
+    return load_file(os.fspath(path)), anchors.metadata
 
-    with safe_open(os.fspath(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if metadata.get("format") != ANCHORS_FORMAT:
+
+def _check_format(anchors: MappedAnchorFile) -> None:
+    found = anchors.metadata.get("format")
+    if found != ANCHORS_FORMAT:
         raise ValueError(
-            f"{path} is not an hf_sara anchors file (format {metadata.get('format')!r}, expected {ANCHORS_FORMAT!r})."
+            f"{anchors.path} is not an hf_sara anchors file (format {found!r}, expected {ANCHORS_FORMAT!r})."
         )
-    return load_file(os.fspath(path)), metadata
+
+
+@dataclass(frozen=True)
+class AnchorTable:
+    """One dataset's anchors to compute: its prepared anchor rows and where its rows lie among the global row ids."""
+
+    rows: Dataset  # tokenized anchors with a `sara_row` column of global row ids (only rows that have an anchor)
+    offset: int
+    size: int
+
+
+class OfflineAnchors:
+    """
+    The offline anchors of a trainer's datasets, read from their memory-mapped file: a process holds only the rows of
+    the batches it looks up, never the whole table.
+
+    Create it with [`~OfflineAnchors.compute`] (which writes the file) or [`~OfflineAnchors.load`].
+
+    Args:
+        anchors ([`~anchor_file.MappedAnchorFile`]):
+            The opened file.
+        ranges (`dict[str, tuple[int, int]]`):
+            Each dataset's first global row id and number of rows.
+    """
+
+    def __init__(self, anchors: MappedAnchorFile, ranges: dict[str, tuple[int, int]]):
+        self.file = anchors
+        self.ranges = dict(ranges)
+
+    @property
+    def path(self) -> str:
+        return self.file.path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expected: dict[str, str], ranges: dict[str, tuple[int, int]]):
+        """
+        Opens the anchors in `path` after checking that they belong to this run.
+
+        Args:
+            path (`str`):
+                The anchors file.
+            expected (`dict[str, str]`):
+                The metadata the anchors must have (model, router checksum, layers, experts, pooling, datasets).
+            ranges (`dict[str, tuple[int, int]]`):
+                The datasets to look up: name -> (first global row id, number of rows).
+
+        Raises:
+            `ValueError`: when the file is not a complete anchors file or does not match, naming what differs and
+            the fix.
+        """
+        anchors = MappedAnchorFile(path)
+        _check_format(anchors)
+        check_anchor_metadata(anchors.path, anchors.metadata, expected)
+        for name, (_, size) in ranges.items():
+            for key in (f"{name}.distributions", f"{name}.has_anchor"):
+                if key not in anchors.layouts or anchors.shape(key)[0] != size:
+                    raise ValueError(
+                        f"{anchors.path} lacks the tensor {key!r} of {size} rows that its metadata promises: the file "
+                        "is damaged. Remove it to recompute the anchors."
+                    )
+        return cls(anchors, ranges)
+
+    @classmethod
+    @torch.no_grad()
+    def compute(
+        cls,
+        model: nn.Module,
+        tables: dict[str, AnchorTable],
+        path: str | os.PathLike,
+        metadata: dict[str, str],
+        data_collator: Callable | None = None,
+        batch_size: int = 8,
+        pooling: str = "all",
+        device: torch.device | str | None = None,
+        process_index: int = 0,
+        num_processes: int = 1,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        write: bool = True,
+        wait_for_everyone: Callable[[], None] | None = None,
+    ) -> tuple[OfflineAnchors, int]:
+        """
+        Computes the anchors' routing with `model` as it is now, the batches dealt round-robin over the ranks, and
+        writes them to `path`: the rank that writes takes each round's rows from every rank (`gather`) and puts them
+        in place in the file, so no rank ever holds the whole table. Every rank must call it.
+
+        Args:
+            model (`torch.nn.Module`):
+                The patched model, as the engine prepared it (FSDP2 and ZeRO-3 gather their shards in its forward).
+            tables (`dict[str, AnchorTable]`):
+                The anchors of each dataset.
+            path (`str`):
+                The file to write.
+            metadata (`dict[str, str]`):
+                What identifies the anchors, stored in the file.
+            data_collator (`Callable`, *optional*):
+                Collator for the anchor rows; defaults to TRL's `DataCollatorForLanguageModeling`.
+            batch_size (`int`, *optional*, defaults to `8`):
+                Rows per forward.
+            pooling (`str`, *optional*, defaults to `"all"`):
+                Which tokens are pooled, see [`pooling_token_mask`].
+            device (`torch.device`, *optional*):
+                Where the batches go; defaults to the device of the model's first parameter.
+            process_index (`int`, *optional*, defaults to `0`), num_processes (`int`, *optional*, defaults to `1`):
+                This rank and the number of ranks.
+            gather (`Callable`, *optional*):
+                All-gathers a tensor of the same shape on every rank along dim 0 (`Accelerator.gather`); needed when
+                `num_processes > 1`.
+            write (`bool`, *optional*, defaults to `True`):
+                Whether this rank writes the file (one rank per file system).
+            wait_for_everyone (`Callable`, *optional*):
+                A barrier, so that no rank opens the file before it is written.
+
+        Returns:
+            `tuple[OfflineAnchors, int]`: the anchors, read from the written file, and how many rows this rank
+            computed.
+        """
+        if num_processes > 1 and gather is None:
+            raise ValueError("Computing anchors on several ranks needs a `gather` function (`Accelerator.gather`).")
+        for table in tables.values():
+            _check_computable(model, table.rows)
+        data_collator = data_collator or _default_collator(model)
+        device = device if device is not None else next(model.parameters()).device
+        num_layers = len(get_routing_state(model).captured_layers)
+        batches = [
+            (name, start, min(start + batch_size, len(table.rows)))
+            for name, table in tables.items()
+            for start in range(0, len(table.rows), batch_size)
+        ]
+        mine = rank_batches(len(batches), num_processes, process_index)
+        writer = None
+        computed = 0
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in logging.tqdm(mine, desc="SARA: offline anchors", disable=process_index != 0):
+                name, start, end = batches[batch if batch is not None else 0]
+                table = tables[name]
+                rows = table.rows.select(range(start, end))
+                pooled = _pool_rows(model, rows, data_collator, pooling, device)
+                row_ids = torch.tensor(rows[ROW_COLUMN], dtype=torch.long, device=pooled.device)
+                if batch is None:  # a rank with no batch left runs one anyway (sharded engines), then drops it
+                    row_ids = torch.full_like(row_ids, -1)
+                else:
+                    computed += len(row_ids)
+                padded = pooled.new_zeros(batch_size, *pooled.shape[1:])
+                padded[: len(row_ids)] = pooled
+                padded_ids = row_ids.new_full((batch_size,), -1)
+                padded_ids[: len(row_ids)] = row_ids
+                if num_processes > 1:
+                    padded, padded_ids = gather(padded), gather(padded_ids)
+                if write:
+                    if writer is None:
+                        writer = cls._writer(path, tables, metadata, num_layers, pooled.shape[-1])
+                    cls._write_rows(writer, tables, padded.cpu(), padded_ids.cpu())
+            if write:
+                writer = writer or cls._writer(path, tables, metadata, num_layers, 0)
+                for name, table in tables.items():
+                    has_anchor = torch.zeros(table.size, dtype=torch.bool)
+                    has_anchor[torch.tensor(table.rows[ROW_COLUMN], dtype=torch.long) - table.offset] = True
+                    writer.write(f"{name}.has_anchor", slice(None), has_anchor)
+                writer.commit()
+                logger.info(f"SARA: computed offline anchors for {list(tables)} and saved them to {path}.")
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        finally:
+            model.train(was_training)
+        if wait_for_everyone is not None:
+            wait_for_everyone()
+        ranges = {name: (table.offset, table.size) for name, table in tables.items()}
+        return cls.load(path, metadata, ranges), computed
+
+    @staticmethod
+    def _writer(path, tables: dict[str, AnchorTable], metadata, num_layers: int, num_experts: int) -> AnchorFileWriter:
+        shapes = {}
+        for name, table in tables.items():
+            shapes[f"{name}.distributions"] = ((table.size, num_layers, num_experts), torch.float32)
+            shapes[f"{name}.has_anchor"] = ((table.size,), torch.bool)
+        return AnchorFileWriter(path, shapes, metadata)
+
+    @staticmethod
+    def _write_rows(writer: AnchorFileWriter, tables, values: torch.Tensor, row_ids: torch.Tensor) -> None:
+        for name, table in tables.items():
+            selected = (row_ids >= table.offset) & (row_ids < table.offset + table.size)
+            if selected.any():
+                writer.write(f"{name}.distributions", row_ids[selected] - table.offset, values[selected])
+
+    def lookup(self, rows: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The anchors of global rows `rows`, read from the file, on the rows' device.
+
+        Args:
+            rows (`torch.Tensor`):
+                Global row ids, `[n]`.
+            shape (`tuple[int, ...]`):
+                The examples' distributions' shape, `[n, n_moe_layers, n_experts]`.
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor]`: the anchor distributions (zeros for rows without an anchor) and the
+            boolean mask of rows that have one.
+        """
+        rows_on_host = rows.cpu()
+        targets = torch.zeros(shape, dtype=torch.float32)
+        has_anchor = torch.zeros(rows.shape[0], dtype=torch.bool)
+        for name, (offset, size) in self.ranges.items():
+            selected = (rows_on_host >= offset) & (rows_on_host < offset + size)
+            if not selected.any() or self.file.shape(f"{name}.distributions")[-1] == 0:
+                continue
+            local = rows_on_host[selected] - offset
+            targets[selected] = self.file.rows(f"{name}.distributions", local)
+            has_anchor[selected] = self.file.rows(f"{name}.has_anchor", local)
+        return targets.to(rows.device, non_blocking=True), has_anchor.to(rows.device, non_blocking=True)
+
+    def table(self, name: str) -> torch.Tensor:
+        """The whole table of dataset `name`, `[n_rows, n_moe_layers, n_experts]` (this one reads it all)."""
+        return self.file.rows(f"{name}.distributions", slice(None))
 
 
 def check_anchor_metadata(path: str | os.PathLike, metadata: dict[str, str], expected: dict[str, str]) -> None:

@@ -133,12 +133,12 @@ def train_command(argv: list[str]) -> int:
 
 
 def anchors_command(argv: list[str]) -> int:
-    from .anchors import ANCHORS_FILE_NAME
-
-    trainer, _, training_args = _build_trainer(argv, "hf-sara anchors")
-    anchors = trainer.compute_anchor_distributions()
-    path = training_args.sara_anchor_path or os.path.join(training_args.output_dir, ANCHORS_FILE_NAME)
-    trainer.accelerator.print(f"Saved anchors of {anchors.shape[0]} rows x {anchors.shape[1]} MoE layers to {path}")
+    # Under `accelerate launch` every rank computes its share of the rows; one rank writes the file.
+    trainer, _, _ = _build_trainer(argv, "hf-sara anchors")
+    anchors = trainer.offline_anchors
+    name = next(iter(anchors.ranges))
+    rows, layers, _ = anchors.file.shape(f"{name}.distributions")
+    trainer.accelerator.print(f"Saved anchors of {rows} rows x {layers} MoE layers to {anchors.path}")
     return 0
 
 

@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import TrainingArguments
+from transformers.integrations.deepspeed import deepspeed_init
 from transformers.utils import logging
 from trl import SFTTrainer
 from trl.data_utils import pack_dataset
@@ -20,12 +21,10 @@ from trl.data_utils import pack_dataset
 from .anchors import (
     ANCHORS_FILE_NAME,
     ANCHORS_FORMAT,
-    check_anchor_metadata,
-    compute_anchor_distributions,
-    load_anchor_distributions,
+    AnchorTable,
+    OfflineAnchors,
     pooling_token_mask,
     router_checksum,
-    save_anchor_distributions,
 )
 from .capture import capture_routing
 from .collator import ANCHOR_KEY_PREFIX, SEQUENCE_IDS_KEY, AnchorStore, SARADataCollator
@@ -111,9 +110,9 @@ class SARATrainer(SFTTrainer):
         text_config = None if isinstance(model, str) else model.config.get_text_config()
         self._sara_output_router_logits = getattr(text_config, "output_router_logits", False) if text_config else False
         self._sara_store = AnchorStore()
-        self._sara_anchor_table: torch.Tensor | None = None
-        self._sara_anchor_mask: torch.Tensor | None = None
-        self._sara_offline_datasets: set[str] = set()
+        self._sara_offline: OfflineAnchors | None = None
+        self._sara_anchor_rows_computed = 0  # offline anchor rows this rank computed
+        self._sara_router_checksum: str | None = None  # of the model before training, identifies offline anchors
 
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
 
@@ -230,7 +229,7 @@ class SARATrainer(SFTTrainer):
             "format": ANCHORS_FORMAT,
             "model": str(getattr(config, "_name_or_path", "") or ""),
             "revision": str(getattr(config, "_commit_hash", "") or ""),
-            "router_checksum": router_checksum(self.model),
+            "router_checksum": self._sara_router_checksum or router_checksum(self.model),
             "num_moe_layers": str(self._sara_num_layers),
             "num_experts": str(num_experts(config)),
             "pooling": self.args.sara_pooling,
@@ -240,90 +239,107 @@ class SARATrainer(SFTTrainer):
     def _anchor_path(self) -> str:
         return self.args.sara_anchor_path or os.path.join(self.args.output_dir, ANCHORS_FILE_NAME)
 
-    def _ensure_offline_anchors(self) -> None:
-        """Fills the offline anchor table for every prepared dataset: from the cache file, or by computing it."""
+    def _model_for_anchors(self) -> nn.Module:
+        """
+        The model to compute offline anchors with: the one the engine prepared (under FSDP2 and DeepSpeed ZeRO-3 only
+        its forward gathers the sharded weights, and only then is it on the accelerator). Outside `train()` and
+        `evaluate()`, an engine's model is prepared for inference here, as `evaluate()` does.
+        """
+        engine = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if not engine or len(self.accelerator._models) > 0:
+            return self.model
+        if self.is_deepspeed_enabled and self.deepspeed is None:
+            deepspeed_init(self, num_training_steps=0, inference=True)
+        model = self.accelerator.prepare(self.model)
+        if self.is_fsdp_enabled:
+            self.model = model
+        if model is not self.model:
+            self.model_wrapped = model
+        if self.is_deepspeed_enabled:
+            self.deepspeed = self.model_wrapped
+        return self.model
+
+    def _ensure_offline_anchors(self, resuming: bool = False) -> None:
+        """
+        Opens the offline anchors of every prepared dataset: from the cache file, or computed with the model as it is
+        now, the rows split across the ranks and the file written once. Every rank must call it.
+        """
         store = self._sara_store
-        missing = [name for name in store.offsets if name not in self._sara_offline_datasets]
+        known = self._sara_offline.ranges if self._sara_offline is not None else {}
+        missing = [name for name in store.offsets if name not in known]
         if not missing:
             return
+        model = self._model_for_anchors()
         path = self._anchor_path()
-        expected = self._anchor_metadata(missing)
+        ranges = {name: (store.offsets[name], store.sizes[name]) for name in store.offsets}
+        expected = self._anchor_metadata(missing)  # every rank: the checksum gathers sharded router weights
         if os.path.exists(path):
-            tensors, metadata = load_anchor_distributions(path)
-            check_anchor_metadata(path, metadata, expected)
-            computed = {name: (tensors[f"{name}.distributions"], tensors[f"{name}.has_anchor"]) for name in missing}
+            anchors = OfflineAnchors.load(path, expected, ranges)
             logger.info(f"SARA: loaded offline anchors for {missing} from {path}.")
         elif self.args.sara_anchor_path is not None:
             raise ValueError(
-                f"`sara_anchor_path={path!r}` does not exist. Compute the anchors with "
-                "`hf_sara.compute_anchor_distributions`, or leave `sara_anchor_path` unset to compute them here."
+                f"`sara_anchor_path={path!r}` does not exist. Compute the anchors with `hf-sara anchors` (or "
+                "`SARATrainer.compute_anchor_distributions`), or leave `sara_anchor_path` unset to compute them here."
+            )
+        elif resuming or self.state.global_step > 0:
+            raise ValueError(
+                f"Resuming a run whose offline anchors are gone: {path} does not exist, and anchors must be computed "
+                "with the model before training, not with the checkpoint. Put back the anchors file of the first run "
+                "(or pass it as `sara_anchor_path`), or start the training from the base model."
             )
         else:
-            computed = {}
-            for name in missing:
-                table = store.tables.get(name)
-                distributions = torch.zeros(store.sizes[name], self._sara_num_layers, 0)
-                has_anchor = torch.zeros(store.sizes[name], dtype=torch.bool)
-                if table is not None and len(table) > 0:
-                    pooled = compute_anchor_distributions(
-                        self.model,
-                        table,
-                        self._sara_base_collator,
-                        batch_size=self.args.per_device_eval_batch_size,
-                        pooling=self.args.sara_pooling,
-                        desc=f"SARA: offline anchors of the {name} dataset",
-                    )
-                    rows = torch.tensor(table[ROW_COLUMN]) - store.offsets[name]
-                    distributions = torch.zeros(store.sizes[name], *pooled.shape[1:])
-                    distributions[rows] = pooled
-                    has_anchor[rows] = True
-                computed[name] = (distributions, has_anchor)
-            if self.is_world_process_zero():
-                tensors = {}
-                if os.path.exists(path):
-                    tensors, _ = load_anchor_distributions(path)
-                for name, (distributions, has_anchor) in computed.items():
-                    tensors[f"{name}.distributions"] = distributions
-                    tensors[f"{name}.has_anchor"] = has_anchor
-                all_names = sorted({key.split(".")[0] for key in tensors})
-                save_anchor_distributions(path, tensors, self._anchor_metadata(all_names))
-                logger.info(f"SARA: computed offline anchors for {missing} and saved them to {path}.")
-        for name, (distributions, has_anchor) in computed.items():
-            self._store_offline(name, distributions, has_anchor)
-            self._sara_offline_datasets.add(name)
+            anchors, self._sara_anchor_rows_computed = OfflineAnchors.compute(
+                model,
+                {name: AnchorTable(store.tables[name], *ranges[name]) for name in missing},
+                path,
+                expected,
+                data_collator=self._sara_base_collator,
+                batch_size=self.args.per_device_eval_batch_size,
+                pooling=self.args.sara_pooling,
+                device=self.args.device,
+                process_index=self.accelerator.process_index,
+                num_processes=self.accelerator.num_processes,
+                gather=self.accelerator.gather,
+                write=self.args.should_save,
+                wait_for_everyone=self.accelerator.wait_for_everyone,
+            )
+            logger.info(
+                f"SARA: this rank computed {self._sara_anchor_rows_computed} anchor rows of "
+                f"{sum(len(store.tables[name]) for name in missing)}."
+            )
+        self._sara_offline = anchors
 
-    def _store_offline(self, name: str, distributions: torch.Tensor, has_anchor: torch.Tensor) -> None:
-        store = self._sara_store
-        if distributions.shape[-1] == 0:
-            return
-        if self._sara_anchor_table is None or self._sara_anchor_table.shape[0] < store.num_rows:
-            table = torch.zeros(store.num_rows, *distributions.shape[1:])
-            mask = torch.zeros(store.num_rows, dtype=torch.bool)
-            if self._sara_anchor_table is not None:
-                table[: self._sara_anchor_table.shape[0]] = self._sara_anchor_table
-                mask[: self._sara_anchor_mask.shape[0]] = self._sara_anchor_mask
-            self._sara_anchor_table, self._sara_anchor_mask = table, mask
-        offset = store.offsets[name]
-        self._sara_anchor_table[offset : offset + store.sizes[name]] = distributions
-        self._sara_anchor_mask[offset : offset + store.sizes[name]] = has_anchor
+    @property
+    def offline_anchors(self) -> OfflineAnchors:
+        """The offline anchors of every prepared dataset (computed, or loaded from the cache, on first use)."""
+        self._ensure_offline_anchors()
+        return self._sara_offline
 
     def compute_anchor_distributions(self) -> torch.Tensor:
         """
         Computes (or loads from the cache) the offline anchors of the train dataset with the model as it is now, and
-        returns them, `[n_rows, n_moe_layers, n_experts]` (zeros for rows without an anchor).
+        returns them, `[n_rows, n_moe_layers, n_experts]` (zeros for rows without an anchor). It reads the whole table
+        into memory; training looks up only each batch's rows.
         """
-        self._ensure_offline_anchors()
-        name = next(iter(self._sara_store.offsets))
-        offset, size = self._sara_store.offsets[name], self._sara_store.sizes[name]
-        return self._sara_anchor_table[offset : offset + size].clone()
+        return self.offline_anchors.table(next(iter(self._sara_store.offsets)))
 
     # ----------------------------------------------------------------------------------------------------------------
     # Training
     # ----------------------------------------------------------------------------------------------------------------
 
-    def train(self, *args, **kwargs):
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        # The offline anchors are computed here, through the model as the engine prepared it (FSDP2 and ZeRO-3
+        # gather their shards in its forward). A resumed run reads the first run's anchors (the weights are the
+        # checkpoint's by now).
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if self.args.sara_anchor_mode == "offline":
-            self._ensure_offline_anchors()  # with the model before training (a checkpoint is loaded afterwards)
+            self._ensure_offline_anchors(resuming=resume_from_checkpoint is not None)
+        return model, train_dataloader
+
+    def train(self, *args, **kwargs):
+        if self.args.sara_anchor_mode == "offline" and self._sara_router_checksum is None:
+            # Before a checkpoint is loaded: the anchors belong to the model before training, also when resuming.
+            self._sara_router_checksum = router_checksum(self.model)
         try:
             with sft_trainer_compatibility(self.model):
                 return super().train(*args, **kwargs)
@@ -343,7 +359,8 @@ class SARATrainer(SFTTrainer):
         weight = self.args.sara_weight
         if self.args.sara_warmup_ratio > 0 and self.state.max_steps > 0:
             warmup_steps = max(1, math.ceil(self.args.sara_warmup_ratio * self.state.max_steps))
-            weight *= min(1.0, self.state.global_step / warmup_steps)
+            # `global_step` counts the optimizer steps done: the step being computed is the next one.
+            weight *= min(1.0, (self.state.global_step + 1) / warmup_steps)
         return weight
 
     def _forward_anchors(self, model: nn.Module, anchor_inputs: dict[str, Any], with_sft: bool):
@@ -378,11 +395,9 @@ class SARATrainer(SFTTrainer):
         if anchor_inputs:
             anchor_distributions, anchor_rows, sft_loss = self._forward_anchors(model, anchor_inputs, with_sft)
         if self.args.sara_anchor_mode == "offline":
-            self._ensure_offline_anchors()
-            # Index on the host, then move only the batch's rows (the table can hold millions of rows).
-            rows_on_host = rows.cpu()
-            targets = self._sara_anchor_table[rows_on_host].to(rows.device, non_blocking=True)
-            return targets, self._sara_anchor_mask[rows_on_host].to(rows.device, non_blocking=True), sft_loss
+            # Only the batch's rows are read from the memory-mapped file (the table can hold millions of rows).
+            targets, has_anchor = self.offline_anchors.lookup(rows, shape)
+            return targets, has_anchor, sft_loss
         targets = torch.zeros(shape, device=rows.device)
         if anchor_rows is None:
             return targets, torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device), sft_loss
