@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import tempfile
@@ -91,18 +92,17 @@ class MappedAnchorFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self.layouts, self.metadata, data_start = read_header(self.path)
+        with open(self.path, "rb") as handle:
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(self._map, "madvise"):
+            # Lookups read scattered rows: without this, every page fault also reads the pages around it.
+            self._map.madvise(mmap.MADV_RANDOM)
         self._arrays: dict[str, np.ndarray] = {}
         for name, layout in self.layouts.items():
-            if layout.end > layout.begin:
-                self._arrays[name] = np.memmap(
-                    self.path,
-                    dtype=_DTYPES[layout.dtype],
-                    mode="r",
-                    offset=data_start + layout.begin,
-                    shape=layout.shape,
-                )
-            else:
-                self._arrays[name] = np.zeros(layout.shape, dtype=_DTYPES[layout.dtype])
+            dtype = np.dtype(_DTYPES[layout.dtype])
+            count = (layout.end - layout.begin) // dtype.itemsize
+            array = np.frombuffer(self._map, dtype=dtype, count=count, offset=data_start + layout.begin)
+            self._arrays[name] = array.reshape(layout.shape)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.layouts[name].shape

@@ -133,12 +133,18 @@ def train_command(argv: list[str]) -> int:
 
 
 def anchors_command(argv: list[str]) -> int:
+    import torch
+
     # Under `accelerate launch` every rank computes its share of the rows; one rank writes the file.
     trainer, _, _ = _build_trainer(argv, "hf-sara anchors")
     anchors = trainer.offline_anchors
     name = next(iter(anchors.ranges))
     rows, layers, _ = anchors.file.shape(f"{name}.distributions")
-    trainer.accelerator.print(f"Saved anchors of {rows} rows x {layers} MoE layers to {anchors.path}")
+    computed = trainer.accelerator.gather(torch.tensor([trainer.anchor_rows_computed], device=trainer.args.device))
+    trainer.accelerator.print(
+        f"Saved anchors of {rows} rows x {layers} MoE layers to {anchors.path} (rows computed per rank: "
+        f"{', '.join(str(count) for count in computed.tolist())})"
+    )
     return 0
 
 

@@ -111,7 +111,8 @@ class SARATrainer(SFTTrainer):
         self._sara_output_router_logits = getattr(text_config, "output_router_logits", False) if text_config else False
         self._sara_store = AnchorStore()
         self._sara_offline: OfflineAnchors | None = None
-        self._sara_anchor_rows_computed = 0  # offline anchor rows this rank computed
+        # How many offline anchor rows this rank computed (0 when they were read from a file).
+        self.anchor_rows_computed = 0
         self._sara_router_checksum: str | None = None  # of the model before training, identifies offline anchors
 
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
@@ -288,7 +289,7 @@ class SARATrainer(SFTTrainer):
                 "(or pass it as `sara_anchor_path`), or start the training from the base model."
             )
         else:
-            anchors, self._sara_anchor_rows_computed = OfflineAnchors.compute(
+            anchors, self.anchor_rows_computed = OfflineAnchors.compute(
                 model,
                 {name: AnchorTable(store.tables[name], *ranges[name]) for name in missing},
                 path,
@@ -304,7 +305,7 @@ class SARATrainer(SFTTrainer):
                 wait_for_everyone=self.accelerator.wait_for_everyone,
             )
             logger.info(
-                f"SARA: this rank computed {self._sara_anchor_rows_computed} anchor rows of "
+                f"SARA: this rank computed {self.anchor_rows_computed} anchor rows of "
                 f"{sum(len(store.tables[name]) for name in missing)}."
             )
         self._sara_offline = anchors

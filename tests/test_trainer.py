@@ -361,6 +361,21 @@ class TestTraining:
         # 2 warm-up steps: the first optimizer step already trains with half the weight (never with 0).
         assert weights == [0.75, 1.5, 1.5, 1.5]
 
+    def test_resume_without_the_first_runs_anchors_is_refused(self, tmp_path):
+        def trainer():
+            return SARATrainer(
+                model=pairs_model(),
+                args=sara_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1),
+                train_dataset=load_pairs(),
+                processing_class=pairs_tokenizer(),
+            )
+
+        trainer().train()
+        os.remove(tmp_path / ANCHORS_FILE_NAME)
+        # Computing them now would use the checkpoint's weights, not the model before training.
+        with pytest.raises(ValueError, match="Resuming a run whose offline anchors are gone"):
+            trainer().train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+
     def test_resume_reproduces_the_uninterrupted_run(self, tmp_path):
         def run(output_dir, max_steps, resume=None):
             trainer = SARATrainer(

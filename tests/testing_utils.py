@@ -340,3 +340,14 @@ def sft_config(output_dir: str, **overrides: Any):
     from trl import SFTConfig
 
     return SFTConfig(output_dir=str(output_dir), **{**TRAINING_ARGUMENTS, **overrides})
+
+
+def distributed_config(output_dir: str, **overrides: Any):
+    """
+    A `sara_config` for 2-process CPU runs under `accelerate launch`. Under DeepSpeed, `use_cpu` must stay False
+    (accelerate ignores DeepSpeed when it is set) and the backend is gloo; DDP and FSDP run with `use_cpu`.
+    SGD with a large learning rate makes the update linear in the gradient, so runs can be compared update for update.
+    """
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
+    engine_arguments = dict(use_cpu=False, ddp_backend="gloo") if deepspeed else {}
+    return sara_config(output_dir, **{"optim": "sgd", "learning_rate": 0.5, **engine_arguments, **overrides})

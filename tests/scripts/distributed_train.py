@@ -1,0 +1,97 @@
+"""Run by tests/test_distributed.py under `accelerate launch --num_processes 2` (DDP, DeepSpeed ZeRO-2/3 or FSDP2, on
+CPU with gloo): full fine-tuning of a saved tiny MoE with SARA, as `hf-sara train` does it (the model loaded by path
+after the training arguments, so ZeRO-3 partitions it at load). Each rank writes what it logged, the full router
+weights after training and how many anchor rows it computed to `<output_dir>/rank<N>.json`.
+
+Usage: distributed_train.py OUTPUT_DIR MODEL_DIR ANCHORS [--anchors-only] [--gradient-checkpointing]
+ANCHORS: "trainer" (offline, computed by the trainer), "online", or the path of precomputed offline anchors.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def open_the_fsdp_gate_on_cpu() -> None:
+    """
+    accelerate 1.15 turns FSDP on only for accelerator processes: on a CPU process it silently stays DDP. Open that
+    one gate, so that `accelerate launch --use_fsdp` shards the model with torch's `fully_shard` (over gloo) exactly as
+    it does on GPUs.
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        fsdp_plugin = kwargs.get("fsdp_plugin") or self.__dict__.get("fsdp_plugin")
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = __init__
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output_dir")
+    parser.add_argument("model_dir")
+    parser.add_argument("anchors")
+    parser.add_argument("--anchors-only", action="store_true", help="compute the offline anchors, do not train")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--max-steps", type=int, default=2)
+    options = parser.parse_args()
+    if os.environ.get("ACCELERATE_USE_FSDP", "false") == "true":
+        open_the_fsdp_gate_on_cpu()
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_sara import SARATrainer, patch_model
+    from hf_sara.distributed import full_parameters
+    from hf_sara.patching import get_routing_state
+    from tests.testing_utils import distributed_config, load_pairs, pairs_tokenizer
+
+    offline = options.anchors != "online"
+    args = distributed_config(
+        options.output_dir,
+        max_steps=options.max_steps,
+        per_device_train_batch_size=2,
+        sara_anchor_mode="offline" if offline else "online",
+        sara_anchor_path=None if options.anchors in ("trainer", "online") else options.anchors,
+        gradient_checkpointing=options.gradient_checkpointing,
+    )
+    model = AutoModelForCausalLM.from_pretrained(options.model_dir)  # after the arguments, as `hf-sara train` does
+    trainer = SARATrainer(
+        model=patch_model(model), args=args, train_dataset=load_pairs(), processing_class=pairs_tokenizer()
+    )
+    if options.anchors_only:
+        trainer.offline_anchors  # noqa: B018 - computes and writes them
+    else:
+        trainer.train()
+    logged = [
+        {key: value for key, value in entry.items() if key.startswith("sara/") or key in ("loss", "step")}
+        for entry in trainer.state.log_history
+        if "sara/js" in entry
+    ]
+    state = get_routing_state(trainer.model)
+    routers = {site.name: trainer.model.get_submodule(site.name).weight for site in state.captured_sites}
+    with full_parameters(list(routers.values())) as values:
+        weights = {name: value.float().cpu().tolist() for name, value in zip(routers, values, strict=True)}
+    result = {
+        "world_size": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "sharded": type(next(iter(routers.values()))).__name__,
+        "logged": logged,
+        "router_weights": weights,
+        "anchor_rows_computed": trainer.anchor_rows_computed,
+    }
+    with open(os.path.join(options.output_dir, f"rank{trainer.accelerator.process_index}.json"), "w") as handle:
+        json.dump(result, handle)
+
+
+if __name__ == "__main__":
+    main()
