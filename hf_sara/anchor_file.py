@@ -6,11 +6,12 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .files import commit_temporary, new_temporary
 
 # safetensors dtype names of the tensors an anchors file holds.
 _DTYPES = {"F32": np.float32, "BOOL": np.bool_}
@@ -120,7 +121,8 @@ class AnchorFileWriter:
 
     The file is laid out (header and zero-filled data) under a temporary name next to `path`; rows are written in
     place, and [`~AnchorFileWriter.commit`] flushes it to disk and renames it to `path` in one step, so an
-    interrupted write never leaves a half-written file under `path`. Use it as a context manager: leaving the block
+    interrupted write never leaves a half-written file under `path` (and the next write removes what a killed one
+    left). Use it as a context manager: leaving the block
     with an exception removes the temporary file.
 
     Args:
@@ -153,13 +155,9 @@ class AnchorFileWriter:
             position += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data buffer to 8 bytes
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, exist_ok=True)
-        handle, self.temporary_path = tempfile.mkstemp(
-            dir=directory, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp"
-        )
+        self.temporary_path = new_temporary(self.path)
         self._data_start = _HEADER_SIZE_BYTES + len(encoded)
-        with os.fdopen(handle, "wb") as file:
+        with open(self.temporary_path, "wb") as file:
             file.write(struct.pack("<Q", len(encoded)))
             file.write(encoded)
             file.truncate(self._data_start + position)  # zero-filled (sparse where the file system allows)
@@ -186,16 +184,11 @@ class AnchorFileWriter:
         self._array(name)[rows] = values.detach().cpu().numpy()
 
     def commit(self) -> None:
-        """Flushes the file to disk and moves it to `path`, with the permissions the umask gives new files."""
+        """Flushes the file to disk and moves it to `path` (with the permissions the umask gives new files)."""
         for array in self._arrays.values():
             array.flush()
         self._arrays.clear()
-        with open(self.temporary_path, "rb+") as file:
-            os.fsync(file.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.temporary_path, 0o666 & ~umask)
-        os.replace(self.temporary_path, self.path)
+        commit_temporary(self.temporary_path, self.path)
 
     def abort(self) -> None:
         """Removes the temporary file."""

@@ -20,6 +20,7 @@ from .anchor_file import AnchorFileWriter, MappedAnchorFile
 from .capture import capture_routing
 from .data import ROW_COLUMN
 from .distributed import full_parameters, rank_batches
+from .loss import check_distributions
 from .patching import get_routing_state
 
 logger = logging.get_logger(__name__)
@@ -385,8 +386,16 @@ class OfflineAnchors:
             if not selected.any() or self.file.shape(f"{name}.distributions")[-1] == 0:
                 continue
             local = rows_on_host[selected] - offset
-            targets[selected] = self.file.rows(f"{name}.distributions", local)
-            has_anchor[selected] = self.file.rows(f"{name}.has_anchor", local)
+            values = self.file.rows(f"{name}.distributions", local)
+            present = self.file.rows(f"{name}.has_anchor", local)
+            check_distributions(
+                values[present],
+                f"The {name} anchors in {self.path}",
+                "The file is damaged or was not written by hf_sara: remove it to recompute the anchors.",
+                row_names=local[present].tolist(),
+            )
+            targets[selected] = values
+            has_anchor[selected] = present
         return targets.to(rows.device, non_blocking=True), has_anchor.to(rows.device, non_blocking=True)
 
     def table(self, name: str) -> torch.Tensor:

@@ -37,11 +37,35 @@ def _load_dataset(name: str, config: str | None = None):
         builder = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "tsv": "csv"}.get(extension)
         if builder is None:
             raise CommandError(f"cannot read {name}: expected a .json, .jsonl, .parquet, .csv or .tsv file")
+        if os.path.getsize(name) == 0:
+            raise CommandError(f"{name} is empty: there is no row to read")
         extra = {"delimiter": "\t"} if extension == "tsv" else {}
-        return DatasetDict({"train": load_dataset(builder, data_files=name, split="train", **extra)})
+        try:
+            dataset = load_dataset(builder, data_files=name, split="train", **extra)
+        except Exception as error:  # the builders raise many kinds (DatasetGenerationError, ArrowInvalid, ...)
+            cause = error.__cause__ or error
+            reason = " ".join(str(cause).split())[:300] or type(cause).__name__
+            raise CommandError(
+                f"cannot read {name} as a {builder.upper()} dataset ({reason}); each row must be one object with the "
+                "same columns (JSONL: one JSON object per line)"
+            ) from None
+        return DatasetDict({"train": dataset})
     if os.path.exists(name) and not os.path.isdir(name):
         raise CommandError(f"cannot read {name}")
     return load_dataset(name, name=config)
+
+
+def _split(dataset, split: str, name: str):
+    if split not in dataset:
+        raise CommandError(f"{name} has no split {split!r} (it has {', '.join(dataset)}); pass one with --split")
+    return dataset[split]
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
 
 
 def _check_local_reference(name: str, what: str) -> None:
@@ -76,13 +100,17 @@ def _trl_parser(prog: str):
 
 def _build_trainer(argv: list[str], prog: str):
     import torch
+    import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
     from .patching import patch_model
     from .trainer import SARATrainer
 
-    script_args, training_args, model_args = _trl_parser(prog).parse_args_and_config(args=argv)
+    try:
+        script_args, training_args, model_args = _trl_parser(prog).parse_args_and_config(args=argv)
+    except yaml.YAMLError as error:
+        raise CommandError(f"the --config file is not valid YAML: {' '.join(str(error).split())}") from None
     if not model_args.model_name_or_path:
         raise CommandError("--model_name_or_path is required")
     if not script_args.dataset_name:
@@ -182,8 +210,8 @@ def analyze_command(argv: list[str]) -> int:
     parser.add_argument(
         "--layers", default=None, help="aligned layers for the summary table (default: published band)"
     )
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--max-length", type=_positive_int, default=512)
     args = parser.parse_args(argv)
 
     import torch
@@ -193,20 +221,21 @@ def analyze_command(argv: list[str]) -> int:
     from .analysis import divergence_table as table
     from .demo import load_demo_pairs
     from .layers import resolve_layers
-    from .patching import patch_model
+    from .patching import get_routing_state, patch_model
 
     _check_local_reference(args.model, "model")
     if args.adapter:
         _check_local_reference(args.adapter, "adapter")
     if args.data is not None:
         _check_local_reference(args.data, "dataset")
-    dataset = load_demo_pairs() if args.data is None else _load_dataset(args.data)[args.split]
+    dataset = load_demo_pairs() if args.data is None else _split(_load_dataset(args.data), args.split, args.data)
     tokenizer = _load_tokenizer(args.model, args.adapter)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = patch_model(AutoModelForCausalLM.from_pretrained(args.model).to(device))
+    aligned = resolve_layers(args.layers, len(get_routing_state(model).captured_layers))  # before the analysis
     reports = {
         "base" if args.adapter else "model": analyze_routing(
             model, tokenizer, dataset, args.batch_size, args.max_length
@@ -217,8 +246,6 @@ def analyze_command(argv: list[str]) -> int:
 
         adapted = patch_model(PeftModel.from_pretrained(model, args.adapter))
         reports["adapter"] = analyze_routing(adapted, tokenizer, dataset, args.batch_size, args.max_length)
-    num_layers = len(next(iter(next(iter(reports.values())).divergence.values())))
-    aligned = resolve_layers(args.layers, num_layers)
     paths = _staged_output(args.output_dir, lambda staging: write_report(reports, staging, aligned))
     print(f"Mean routing divergence to the anchors over MoE layers {aligned}:\n")
     print(markdown_table(table(reports, aligned)))

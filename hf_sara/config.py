@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
@@ -121,6 +122,10 @@ class SARAConfig(SFTConfig):
         if self.bf16 is None and not self.fp16:
             self.bf16 = self.use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()
         super().__post_init__()
+        for name in ("sara_weight", "anchor_sft_weight", "sara_warmup_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
         if self.sara_weight < 0:
             raise ValueError(f"`sara_weight` must be >= 0, got {self.sara_weight}.")
         if self.sara_anchor_mode not in ANCHOR_MODES:

@@ -34,11 +34,53 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> torch.
     return 0.5 * (kl_p + kl_q)
 
 
+_DISTRIBUTIONS_FIX = (
+    "Pass pooled probabilities, such as `routing_distributions(model, anchor_ids)`, not router logits or counts."
+)
+
+
+def check_distributions(
+    distributions: torch.Tensor,
+    what: str,
+    fix: str = _DISTRIBUTIONS_FIX,
+    row_names: list | None = None,
+    tolerance: float = 1e-2,
+) -> None:
+    """
+    Raises a `ValueError` naming `what`, the first bad rows (along dimension 0, by `row_names` when given) and `fix`
+    unless every distribution along the last dimension is one: finite, non-negative, summing to 1 within `tolerance`.
+    """
+    if distributions.numel() == 0:
+        return
+    values = distributions.detach().float()
+    finite = torch.isfinite(values).flatten(1).all(dim=1)
+    negative = (values < -1e-6).flatten(1).any(dim=1)
+    off_sum = ((values.sum(dim=-1) - 1).abs() > tolerance).flatten(1).any(dim=1)
+    bad = ~finite | negative | off_sum
+    if not bad.any():
+        return
+    first = int(bad.nonzero()[0])
+    problem = (
+        "non-finite entries"
+        if not finite[first]
+        else f"a negative entry ({values[first].min().item():.3g})"
+        if negative[first]
+        else f"distributions that sum to {values[first].sum(dim=-1).flatten()[0].item():.4g}, not 1"
+    )
+    rows = bad.nonzero().flatten().tolist()
+    names = [row_names[row] for row in rows] if row_names is not None else rows
+    raise ValueError(
+        f"{what} must hold routing distributions over the experts (each non-negative and summing to 1), but row(s) "
+        f"{names[:10]}{' ...' if len(names) > 10 else ''} do not: row {names[0]} has {problem}. {fix}"
+    )
+
+
 def sara_alignment_loss(
     distributions: torch.Tensor,
     anchor_distributions: torch.Tensor,
     has_anchor: torch.Tensor | None = None,
     layers: LayerSelection = None,
+    check_anchors: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     The SARA loss: mean Jensen-Shannon divergence between each example's routing and its anchor's, over the aligned
@@ -57,6 +99,10 @@ def sara_alignment_loss(
             The aligned layers, as indices along dimension 1 of `distributions` (MoE layers, not decoder layers); see
             [`resolve_layers`] for the accepted forms. Defaults to the published band, layers 7..34 of 48 expressed as
             fractions of depth.
+        check_anchors (`bool`, *optional*, defaults to `True`):
+            Whether to check that every anchored row of `anchor_distributions` is a distribution (finite,
+            non-negative, summing to 1 within 1e-2): anything else gives a NaN or meaningless loss. It synchronises
+            with the device once; [`SARATrainer`] checks its anchors where it reads them instead.
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: the scalar loss (fp32), and the per-layer mean divergences of shape
@@ -83,6 +129,11 @@ def sara_alignment_loss(
     selected = resolve_layers(layers, num_layers)
     index = torch.tensor(selected, device=distributions.device)
     anchors = anchor_distributions.detach().index_select(1, index)
+    if check_anchors:
+        anchored = weights.bool().cpu()
+        check_distributions(
+            anchors[weights.bool()], "`anchor_distributions`", row_names=torch.arange(batch_size)[anchored].tolist()
+        )
     # Rows without an anchor may hold zeros or garbage: replace them by the example itself, so their divergence is a
     # finite 0 that the mask removes without NaN leaking into the gradient.
     anchors = torch.where(

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable
+
+from .files import atomic_write
+
+
+def _read_text(path: str, newline: str | None = None) -> str:
+    try:
+        with open(path, encoding="utf-8", newline=newline) as handle:
+            return handle.read()
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {error.start}: {error.reason}). Convert it to UTF-8 first."
+        ) from None
 
 
 def _read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as handle:
-        return [line.rstrip("\n") for line in handle]
+    return _read_text(path).splitlines()
 
 
 def pairs_from_aligned_files(
@@ -30,6 +40,8 @@ def pairs_from_aligned_files(
             f"{source} has {len(sources)} lines but {anchor} has {len(anchors)}: aligned files must have one "
             "translation per line."
         )
+    if not sources:
+        raise ValueError(f"{source} and {anchor} are empty: there is no pair to write.")
     rows = []
     for number, (text, anchor_text) in enumerate(zip(sources, anchors, strict=True), start=1):
         if not text.strip():
@@ -40,21 +52,31 @@ def pairs_from_aligned_files(
 
 def _records(path: str) -> list[dict]:
     if path.endswith((".tsv", ".csv")):
-        with open(path, encoding="utf-8", newline="") as handle:
-            return list(csv.DictReader(handle, delimiter="\t" if path.endswith(".tsv") else ","))
+        text = _read_text(path, newline="")
+        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.endswith(".tsv") else ","))
     if path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = _read_text(path)
         if path.endswith(".json") and text.lstrip().startswith("["):
-            return json.loads(text)
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-        return records
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}).") from None
+            numbered = list(enumerate(records, start=1))
+        else:
+            numbered = []
+            for number, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    try:
+                        numbered.append((number, json.loads(line)))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+        for number, record in numbered:
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"{path}, item {number}: expected a JSON object with one key per language, got "
+                    f"{type(record).__name__}."
+                )
+        return [record for _, record in numbered]
     raise ValueError(f"Cannot read {path}: expected a .tsv, .csv, .jsonl or .json file.")
 
 
@@ -116,20 +138,13 @@ def pairs_from_multilingual(
                 rows.append({"language": language, "text": value, "anchor_text": anchor or None})
             else:
                 raise ValueError(f"{path}, row {number}, {language}: expected a text or a prompt/completion object.")
+    if not rows:
+        raise ValueError(f"{path} holds no item in {targets}: there is no pair to write.")
     return rows
 
 
 def write_jsonl(rows: list[dict], path: str) -> None:
     """Writes rows as JSON lines, atomically: an interrupted write leaves no partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as output:
-            for row in rows:
-                output.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with atomic_write(path) as temporary, open(temporary, "w", encoding="utf-8") as output:
+        for row in rows:
+            output.write(json.dumps(row, ensure_ascii=False) + "\n")

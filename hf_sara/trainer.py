@@ -10,7 +10,7 @@ import shutil
 from typing import Any
 
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, Features, IterableDataset, Sequence, Value
 from torch import nn
 from transformers import TrainingArguments
 from transformers.integrations.deepspeed import deepspeed_init
@@ -102,6 +102,13 @@ class SARATrainer(SFTTrainer):
                 "SARATrainer does not take a `formatting_func`: it would format the examples but not their anchors. "
                 "Format both sides of each pair in the dataset beforehand."
             )
+        datasets = {
+            "train": train_dataset,
+            **(eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}),
+        }
+        for name, dataset in datasets.items():
+            if isinstance(dataset, Dataset) and len(dataset) == 0:
+                raise ValueError(f"The {name} dataset is empty: pass at least one row (an example and its anchor).")
         if isinstance(train_dataset, IterableDataset):
             raise ValueError(
                 "SARATrainer needs a map-style `datasets.Dataset`: it pairs each example with its anchor by row. "
@@ -117,6 +124,7 @@ class SARATrainer(SFTTrainer):
 
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
 
+        self._check_user_patch()
         patch_model(self.model)
         state = get_routing_state(self.model)
         self._sara_num_layers = len(state.captured_layers)
@@ -132,6 +140,18 @@ class SARATrainer(SFTTrainer):
             f"SARA: aligning MoE layers {self._sara_layer_indices} of {self._sara_num_layers} with weight "
             f"{args.sara_weight} ({args.sara_anchor_mode} anchors, pooling {args.sara_pooling!r})."
         )
+
+    def _check_user_patch(self) -> None:
+        """Refuses a model that the user patched with a subset of the MoE layers, rather than replacing the patch."""
+        state = get_routing_state(self.model)
+        if state is not None and len(state.captured_layers) != state.num_moe_layers:
+            raise ValueError(
+                f"The model was patched with `patch_model(model, layers=...)` capturing MoE layers "
+                f"{state.captured_layers} of {state.num_moe_layers}, but SARATrainer captures every MoE layer (its "
+                "offline anchors hold them all) and aligns the ones `sara_layers` selects. Patch it with all layers "
+                f"(`patch_model(model)`, the default), and set `sara_layers` (e.g. "
+                f"'{','.join(str(layer) for layer in state.captured_layers)}') to choose the aligned layers."
+            )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Datasets
@@ -166,11 +186,17 @@ class SARATrainer(SFTTrainer):
         name, offset = self._sara_store.reserve(dataset_name, len(dataset), dataset._fingerprint)
         examples, anchors = split_pairs(dataset, paired_format, has_anchor, offset)
 
-        with self._without_shuffle(args):
-            prepared_anchors = super()._prepare_dataset(
-                anchors, processing_class, args, False, None, f"{dataset_name} anchors"
+        if len(anchors) == 0:  # nothing to tokenize (TRL's preparation cannot take an empty dataset)
+            prepared_anchors = Dataset.from_dict(
+                {"input_ids": [], ROW_COLUMN: []},
+                features=Features({"input_ids": Sequence(Value("int64")), ROW_COLUMN: Value("int64")}),
             )
-        self._check_nothing_dropped(anchors, prepared_anchors, offset, dataset_name, "the anchor of ", args)
+        else:
+            with self._without_shuffle(args):
+                prepared_anchors = super()._prepare_dataset(
+                    anchors, processing_class, args, False, None, f"{dataset_name} anchors"
+                )
+            self._check_nothing_dropped(anchors, prepared_anchors, offset, dataset_name, "the anchor of ", args)
         if packing:
             with self._without_shuffle(args):
                 prepared = super()._prepare_dataset(examples, processing_class, args, False, None, dataset_name)
@@ -425,7 +451,10 @@ class SARATrainer(SFTTrainer):
         rows = capture.segments.sequence_of_segment
 
         anchors, has_anchor, anchor_sft_loss = self._anchor_targets(model, rows, anchor_inputs, distributions.shape)
-        alignment_loss, per_layer = sara_alignment_loss(distributions, anchors, has_anchor, self._sara_layer_indices)
+        # The anchors are distributions by construction (the capture's, or checked where the offline file is read).
+        alignment_loss, per_layer = sara_alignment_loss(
+            distributions, anchors, has_anchor, self._sara_layer_indices, check_anchors=False
+        )
         weight = self.sara_weight() if mode == "train" else self.args.sara_weight
         extra = weight * alignment_loss
         if anchor_sft_loss is not None:

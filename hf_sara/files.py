@@ -1,0 +1,74 @@
+"""Atomic file writes: a temporary file next to the target, renamed into place once complete."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+from collections.abc import Iterator
+
+
+def _temporary_pattern(path: str) -> str:
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.*.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """
+    Removes the temporary files that writers of `path` killed before they finished (kill -9, out of memory) left
+    behind: those whose writing process no longer runs on this machine.
+    """
+    for temporary in glob.glob(_temporary_pattern(path)):
+        parts = os.path.basename(temporary).rsplit(".", 3)  # [".name", "<pid>", "<n>", "tmp"]
+        if len(parts) == 4 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+
+
+def new_temporary(path: str) -> str:
+    """Creates an empty temporary file for `path`, in its directory (so the final rename stays on one file system)."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    remove_stale_temporaries(path)
+    for attempt in range(1000):
+        temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{attempt}.tmp")
+        try:
+            os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return temporary
+    raise FileExistsError(f"Could not create a temporary file next to {path}.")
+
+
+def commit_temporary(temporary: str, path: str) -> None:
+    """Flushes `temporary` to disk and renames it to `path` in one step."""
+    with open(temporary, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[str]:
+    """
+    Yields a temporary path to write `path`'s content to; when the block ends without an error, the file is renamed
+    to `path`, else it is removed. A reader never sees a half-written `path`, and a kill leaves at most a temporary
+    file that the next write of `path` removes. The file gets the permissions the umask gives new files.
+    """
+    path = os.path.abspath(os.fspath(path))
+    temporary = new_temporary(path)
+    try:
+        yield temporary
+        commit_temporary(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise

@@ -1,0 +1,192 @@
+"""Bad input, stale state and faults: each gets one clear error naming the problem and the fix, or the right result."""
+
+import math
+import os
+import stat
+import time
+
+import pytest
+import torch
+from datasets import Dataset
+
+from hf_sara import (
+    SARATrainer,
+    load_anchor_distributions,
+    patch_model,
+    sara_alignment_loss,
+    save_anchor_distributions,
+)
+from hf_sara.anchor_file import AnchorFileWriter
+from hf_sara.anchors import ANCHORS_FILE_NAME, ANCHORS_FORMAT
+from hf_sara.cli import main
+from hf_sara.demo import save_tiny_model
+from hf_sara.files import atomic_write
+
+from .test_cli import _assert_one_line_error
+from .testing_utils import load_pairs, pairs_model, pairs_tokenizer, sara_config
+
+
+def _trainer(tmp_path, dataset=None, eval_dataset=None, model=None, **overrides):
+    return SARATrainer(
+        model=model if model is not None else pairs_model(),
+        args=sara_config(tmp_path, max_steps=1, **overrides),
+        train_dataset=load_pairs() if dataset is None else dataset,
+        eval_dataset=eval_dataset,
+        processing_class=pairs_tokenizer(),
+    )
+
+
+def _without_anchors(rows: list[dict]) -> list[dict]:
+    return [{**row, "anchor_prompt": None, "anchor_completion": None} for row in rows]
+
+
+class TestSettings:
+    @pytest.mark.parametrize("name", ["sara_weight", "anchor_sft_weight", "sara_warmup_ratio"])
+    @pytest.mark.parametrize("value", [math.nan, math.inf])
+    def test_non_finite_numbers_are_refused(self, tmp_path, name, value):
+        with pytest.raises(ValueError, match=f"`{name}` must be a finite number"):
+            sara_config(tmp_path, **{name: value})
+
+    def test_a_users_partial_patch_is_refused_not_replaced(self, tmp_path):
+        model = patch_model(pairs_model(), layers=[1, 2])
+        with pytest.raises(ValueError, match=r"capturing MoE layers \[1, 2\] of 4.*set `sara_layers` \(e.g. '1,2'\)"):
+            _trainer(tmp_path, model=model)
+
+
+class TestAlignmentLossInputs:
+    def _inputs(self):
+        distributions = torch.softmax(torch.randn(3, 4, 8), dim=-1)
+        return distributions, torch.softmax(torch.randn(3, 4, 8), dim=-1)
+
+    def test_negative_anchor_entries_are_refused(self):
+        distributions, anchors = self._inputs()
+        anchors[1, 2, 3] = -0.2
+        with pytest.raises(ValueError, match=r"`anchor_distributions` must hold routing distributions.*negative"):
+            sara_alignment_loss(distributions, anchors, layers="all")
+
+    def test_anchors_that_do_not_sum_to_one_are_refused(self):
+        distributions, anchors = self._inputs()
+        with pytest.raises(ValueError, match=r"row\(s\) \[0, 1, 2\] do not: row 0 has distributions that sum to 3"):
+            sara_alignment_loss(distributions, anchors * 3, layers="all")
+        with pytest.raises(ValueError, match="negative entry"):
+            sara_alignment_loss(distributions, anchors.log(), layers="all")  # log-probabilities
+        anchors[0] = math.nan
+        with pytest.raises(ValueError, match="non-finite"):
+            sara_alignment_loss(distributions, anchors, layers="all")
+
+    def test_rows_without_an_anchor_may_hold_anything(self):
+        distributions, anchors = self._inputs()
+        anchors[1] = -5.0
+        loss, _ = sara_alignment_loss(distributions, anchors, torch.tensor([True, False, True]), layers="all")
+        assert torch.isfinite(loss)
+
+
+class TestDatasets:
+    def test_an_empty_dataset_is_refused(self, tmp_path):
+        with pytest.raises(ValueError, match="The train dataset is empty"):
+            _trainer(tmp_path, dataset=load_pairs().select([]))
+        with pytest.raises(ValueError, match="The sw dataset is empty"):
+            _trainer(tmp_path, eval_dataset={"sw": load_pairs().select([])})
+
+    def test_no_anchor_with_zero_weight_trains_like_sft(self, tmp_path):
+        trainer = _trainer(
+            tmp_path, dataset=Dataset.from_list(_without_anchors(load_pairs().to_list())), sara_weight=0
+        )
+        trainer.train()
+        assert "sara/js" not in trainer.state.log_history[0]  # nothing to measure, and no crash
+
+    def test_an_eval_set_without_anchors_evaluates(self, tmp_path):
+        evaluation = Dataset.from_list(_without_anchors(load_pairs().to_list()[:4]))
+        trainer = _trainer(tmp_path, eval_dataset=evaluation)
+        trainer.train()
+        assert "eval_loss" in trainer.evaluate()
+
+    def test_eval_dataset_names_with_a_dot(self, tmp_path):
+        trainer = _trainer(tmp_path, eval_dataset={"sw.dev": load_pairs().select(range(4))})
+        trainer.train()
+        metrics = trainer.evaluate()
+        assert "eval_sw.dev_loss" in metrics and metrics["eval_sara/js"] > 0
+
+
+class TestAnchorFiles:
+    def test_anchors_that_are_not_distributions_are_refused_where_they_are_read(self, tmp_path):
+        _trainer(tmp_path).train()
+        path = tmp_path / ANCHORS_FILE_NAME
+        tensors, metadata = load_anchor_distributions(path)
+        tensors["train.distributions"][5] *= -1
+        save_anchor_distributions(path, tensors, metadata)
+        with pytest.raises(ValueError, match=r"The train anchors in .* row\(s\) \[5\] do not.*negative.*remove it"):
+            _trainer(tmp_path, per_device_train_batch_size=16).train()
+
+    def test_a_killed_writer_leaves_a_temporary_file_that_the_next_write_removes(self, tmp_path):
+        path = tmp_path / ANCHORS_FILE_NAME
+        dead_pid = 2**22 + 12345  # above the default pid_max: no such process
+        left_over = tmp_path / f".{ANCHORS_FILE_NAME}.{dead_pid}.0.tmp"
+        left_over.write_bytes(b"half a file")
+        running = tmp_path / f".{ANCHORS_FILE_NAME}.{os.getppid()}.0.tmp"  # a live writer's file stays
+        running.write_bytes(b"being written")
+        with AnchorFileWriter(path, {"a.distributions": ((1, 1, 1), torch.float32)}, {"format": ANCHORS_FORMAT}) as w:
+            w.commit()
+        assert sorted(os.listdir(tmp_path)) == sorted([ANCHORS_FILE_NAME, running.name])
+
+    def test_atomic_write_follows_the_umask(self, tmp_path):
+        umask = os.umask(0o027)
+        try:
+            with atomic_write(tmp_path / "file.jsonl") as temporary, open(temporary, "w") as handle:
+                handle.write("{}\n")
+        finally:
+            os.umask(umask)
+        assert stat.S_IMODE(os.stat(tmp_path / "file.jsonl").st_mode) == 0o640
+
+
+class TestCommandLine:
+    @pytest.fixture(scope="class")
+    def model_dir(self, tmp_path_factory):
+        return save_tiny_model(str(tmp_path_factory.mktemp("tiny-moe")))
+
+    @pytest.mark.parametrize(
+        "content, expected",
+        [
+            ('{"a": 1}\n{bad json\n', "cannot read"),
+            ("", "is empty: there is no row to read"),
+            ("[1, 2]\n[3, 4]\n", "each row must be one object"),
+        ],
+        ids=["malformed", "empty", "lists"],
+    )
+    def test_unreadable_datasets(self, tmp_path, capsys, model_dir, content, expected):
+        data = tmp_path / "data.jsonl"
+        data.write_text(content)
+        code = main(["train", "--model_name_or_path", model_dir, "--dataset_name", str(data), "--output_dir", "o"])
+        _assert_one_line_error(capsys, code, expected)
+
+    def test_yaml_syntax_error(self, tmp_path, capsys):
+        config = tmp_path / "recipe.yaml"
+        config.write_text("model_name_or_path: [unclosed\n")
+        _assert_one_line_error(capsys, main(["train", "--config", str(config)]), "not valid YAML")
+
+    def test_analyze_arguments_are_checked_before_the_analysis(self, tmp_path, capsys, model_dir):
+        pairs = os.path.join(os.path.dirname(__file__), "data", "pairs.jsonl")
+        output = tmp_path / "out"
+        with pytest.raises(SystemExit) as exit_info:
+            main(["analyze", "--model", model_dir, "--output-dir", str(output), "--batch-size", "0"])
+        assert exit_info.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+        code = main(["analyze", "--model", model_dir, "--data", pairs, "--split", "test", "--output-dir", str(output)])
+        _assert_one_line_error(capsys, code, "has no split 'test' (it has train)")
+        start = time.perf_counter()
+        code = main(["analyze", "--model", model_dir, "--output-dir", str(output), "--layers", "9"])
+        _assert_one_line_error(capsys, code, "Layer 9 in the layer selection '9' is out of range")
+        assert time.perf_counter() - start < 30 and not output.exists()
+
+    def test_pairs_refuses_empty_and_non_utf8_input(self, tmp_path, capsys):
+        (tmp_path / "a.txt").write_text("")
+        (tmp_path / "b.txt").write_text("")
+        arguments = ["pairs", "--language", "sw", "--output", str(tmp_path / "p.jsonl"), "--aligned"]
+        _assert_one_line_error(capsys, main([*arguments, str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]), "empty")
+        (tmp_path / "a.txt").write_bytes(b"\xff\xfe caf\xe9\n")
+        (tmp_path / "b.txt").write_text("cafe\n")
+        code = main([*arguments, str(tmp_path / "a.txt"), str(tmp_path / "b.txt")])
+        _assert_one_line_error(capsys, code, f"{tmp_path / 'a.txt'} is not UTF-8 text")
+        (tmp_path / "m.jsonl").write_text("[1]\n")
+        code = main(["pairs", "--multilingual", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "p.jsonl")])
+        _assert_one_line_error(capsys, code, "item 1: expected a JSON object")
+        assert not (tmp_path / "p.jsonl").exists()
