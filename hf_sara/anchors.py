@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from torch import nn
 from transformers.utils import logging
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from .anchor_file import AnchorFileWriter, MappedAnchorFile
+from .anchor_file import AnchorFileWriter, MappedAnchorFile, read_header
 from .capture import capture_routing
 from .data import ROW_COLUMN
 from .distributed import full_parameters, rank_batches
@@ -68,6 +69,28 @@ def router_checksum(model: nn.Module) -> str:
         for (name, _), value in zip(named, values, strict=True):
             digest.update(name.encode())
             digest.update(value.float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def anchor_tokens_digest(rows: Dataset, pooling: str) -> str:
+    """
+    SHA-256 of what decides a dataset's anchors besides the model: the prepared anchors' token ids, their global row
+    ids and, when the pooling depends on them, their labels. It changes with the data, the tokenizer, the chat
+    template, `max_length` and truncation; it reads the Arrow buffers, so a million rows take seconds.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    digest = hashlib.sha256()
+    columns = ["input_ids", ROW_COLUMN] + (["labels"] if pooling != "all" and "labels" in rows.column_names else [])
+    table = rows.data.table if hasattr(rows.data, "table") else rows.data
+    for name in columns:
+        digest.update(name.encode())
+        for chunk in table.column(name).chunks:
+            if hasattr(chunk, "flatten"):  # a list column: its lengths, then its values
+                digest.update(pc.list_value_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+                chunk = chunk.flatten()
+            digest.update(chunk.to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
     return digest.hexdigest()
 
 
@@ -349,6 +372,52 @@ class OfflineAnchors:
         ranges = {name: (table.offset, table.size) for name, table in tables.items()}
         return cls.load(path, metadata, ranges), computed
 
+    @torch.no_grad()
+    def verify(
+        self,
+        model: nn.Module,
+        tables: dict[str, AnchorTable],
+        data_collator: Callable | None = None,
+        batch_size: int = 8,
+        pooling: str = "all",
+        device: torch.device | str | None = None,
+    ) -> None:
+        """
+        Recomputes the first batch of each dataset's anchors with `model` and compares it with the file: anchors of
+        another model (other weights anywhere, not only in the routers, another dtype) are refused. The checksum of the
+        metadata covers the routers alone, and hashing every weight of a large model at each start would cost minutes;
+        one forward does not. Every rank must call it (it runs a forward).
+
+        Raises:
+            `ValueError`: naming the file, the largest difference found and the fix.
+        """
+        data_collator = data_collator or _default_collator(model)
+        device = device if device is not None else next(model.parameters()).device
+        parameter = next(model.parameters())
+        tolerance = 1e-4 if parameter.dtype == torch.float32 else 5e-3
+        was_training = model.training
+        model.eval()
+        try:
+            for name, table in tables.items():
+                if len(table.rows) == 0:
+                    continue
+                rows = table.rows.select(range(min(batch_size, len(table.rows))))
+                recomputed = _pool_rows(model, rows, data_collator, pooling, device).cpu()
+                local = torch.tensor(rows[ROW_COLUMN], dtype=torch.long) - table.offset
+                stored = self.file.rows(f"{name}.distributions", local)
+                difference = (recomputed - stored).abs().max().item() if stored.numel() else math.inf
+                if not difference <= tolerance:
+                    raise ValueError(
+                        f"The anchors in {self.path} do not belong to this model: recomputing {len(local)} rows of "
+                        f"the {name} dataset gives distributions up to {difference:.2g} away from the stored ones "
+                        f"(tolerance {tolerance:g}). The model's weights (not only its routers), its dtype or the "
+                        "pooling changed since they were computed, e.g. after a first training stage. Remove the file "
+                        "to recompute them with this model before training, or point `sara_anchor_path` at anchors "
+                        "computed with it."
+                    )
+        finally:
+            model.train(was_training)
+
     @staticmethod
     def _writer(path, tables: dict[str, AnchorTable], metadata, num_layers: int, num_experts: int) -> AnchorFileWriter:
         shapes = {}
@@ -403,6 +472,15 @@ class OfflineAnchors:
         return self.file.rows(f"{name}.distributions", slice(None))
 
 
+def stored_dataset_names(path: str | os.PathLike) -> list[str]:
+    """The datasets whose anchors a file holds, from its header."""
+    _, metadata, _ = read_header(os.fspath(path))
+    try:
+        return sorted(json.loads(metadata.get("datasets", "{}")))
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} has unreadable metadata: remove it to recompute the anchors.") from None
+
+
 def check_anchor_metadata(path: str | os.PathLike, metadata: dict[str, str], expected: dict[str, str]) -> None:
     """
     Refuses anchors computed for another model, layer/expert layout, pooling or dataset.
@@ -420,9 +498,14 @@ def check_anchor_metadata(path: str | os.PathLike, metadata: dict[str, str], exp
                         "file to recompute them, or pass the datasets they were computed for."
                     )
                 if stored[name] != info:
+                    what = (
+                        f"{stored[name].get('rows')} rows there, {info.get('rows')} here"
+                        if stored[name].get("rows") != info.get("rows")
+                        else "other anchor tokens (other data, tokenizer, chat template, max_length or truncation)"
+                    )
                     raise ValueError(
-                        f"The anchors in {path} were computed for another {name!r} dataset ({stored[name]}), not this "
-                        f"one ({info}). Remove the file to recompute them for this dataset."
+                        f"The anchors in {path} were computed for another {name} dataset: {what}. Remove the file to "
+                        "recompute them for this dataset, or restore the settings they were computed with."
                     )
             continue
         if metadata.get(key) != value:

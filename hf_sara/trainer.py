@@ -23,8 +23,10 @@ from .anchors import (
     ANCHORS_FORMAT,
     AnchorTable,
     OfflineAnchors,
+    anchor_tokens_digest,
     pooling_token_mask,
     router_checksum,
+    stored_dataset_names,
 )
 from .capture import capture_routing
 from .collator import ANCHOR_KEY_PREFIX, SEQUENCE_IDS_KEY, AnchorStore, SARADataCollator
@@ -118,6 +120,7 @@ class SARATrainer(SFTTrainer):
         self._sara_output_router_logits = getattr(text_config, "output_router_logits", False) if text_config else False
         self._sara_store = AnchorStore()
         self._sara_offline: OfflineAnchors | None = None
+        self._sara_token_digests: dict[str, str] = {}
         # How many offline anchor rows this rank computed (0 when they were read from a file).
         self.anchor_rows_computed = 0
         self._sara_router_checksum: str | None = None  # of the model before training, identifies offline anchors
@@ -251,7 +254,7 @@ class SARATrainer(SFTTrainer):
     def _anchor_metadata(self, names: list[str]) -> dict[str, str]:
         config = self.model.config
         store = self._sara_store
-        datasets = {name: {"fingerprint": store.fingerprints[name], "rows": store.sizes[name]} for name in names}
+        datasets = {name: {"rows": store.sizes[name], "tokens": self._anchor_tokens(name)} for name in names}
         return {
             "format": ANCHORS_FORMAT,
             "model": str(getattr(config, "_name_or_path", "") or ""),
@@ -262,6 +265,13 @@ class SARATrainer(SFTTrainer):
             "pooling": self.args.sara_pooling,
             "datasets": json.dumps(datasets, sort_keys=True),
         }
+
+    def _anchor_tokens(self, name: str) -> str:
+        if name not in self._sara_token_digests:
+            self._sara_token_digests[name] = anchor_tokens_digest(
+                self._sara_store.tables[name], self.args.sara_pooling
+            )
+        return self._sara_token_digests[name]
 
     def _anchor_path(self) -> str:
         return self.args.sara_anchor_path or os.path.join(self.args.output_dir, ANCHORS_FILE_NAME)
@@ -288,8 +298,9 @@ class SARATrainer(SFTTrainer):
 
     def _ensure_offline_anchors(self, resuming: bool = False) -> None:
         """
-        Opens the offline anchors of every prepared dataset: from the cache file, or computed with the model as it is
-        now, the rows split across the ranks and the file written once. Every rank must call it.
+        Opens the offline anchors of every prepared dataset: from the cache file (checked against this run and, before
+        training, against one recomputed batch), or computed with the model as it is now, the rows split across the
+        ranks and the file written once. Every rank must call it.
         """
         store = self._sara_store
         known = self._sara_offline.ranges if self._sara_offline is not None else {}
@@ -299,41 +310,62 @@ class SARATrainer(SFTTrainer):
         model = self._model_for_anchors()
         path = self._anchor_path()
         ranges = {name: (store.offsets[name], store.sizes[name]) for name in store.offsets}
-        expected = self._anchor_metadata(missing)  # every rank: the checksum gathers sharded router weights
+        trained = resuming or self.state.global_step > 0
+        tables = {name: AnchorTable(store.tables[name], *ranges[name]) for name in store.offsets}
+        options = dict(
+            data_collator=self._sara_base_collator,
+            batch_size=self.args.per_device_eval_batch_size,
+            pooling=self.args.sara_pooling,
+            device=self.args.device,
+        )
+        lacking = []
         if os.path.exists(path):
-            anchors = OfflineAnchors.load(path, expected, ranges)
-            logger.info(f"SARA: loaded offline anchors for {missing} from {path}.")
-        elif self.args.sara_anchor_path is not None:
+            stored = stored_dataset_names(path)
+            lacking = [name for name in missing if name not in stored]
+            if not lacking:
+                anchors = OfflineAnchors.load(path, self._anchor_metadata(missing), ranges)
+                if not trained:  # a trained model's routing differs from its anchors by design
+                    anchors.verify(model, {name: tables[name] for name in missing}, **options)
+                logger.info(f"SARA: loaded offline anchors for {missing} from {path}.")
+                self._sara_offline = anchors
+                return
+        if trained:
+            problem = (
+                f"{path} holds no anchors for the {', '.join(lacking)} dataset(s)"
+                if lacking
+                else f"{path} does not exist"
+            )
             raise ValueError(
-                f"`sara_anchor_path={path!r}` does not exist. Compute the anchors with `hf-sara anchors` (or "
-                "`SARATrainer.compute_anchor_distributions`), or leave `sara_anchor_path` unset to compute them here."
+                f"Offline anchors are missing and cannot be computed now: {problem}, and they must come from the "
+                "model before training, not from this trained or resumed one. Pass every eval dataset to the trainer "
+                "before `train()` (their anchors are computed with the train anchors), put back the anchors file of "
+                "the first run (or pass it as `sara_anchor_path`), compute them on the base model with `hf-sara "
+                "anchors`, or use `sara_anchor_mode='online'`."
             )
-        elif resuming or self.state.global_step > 0:
+        if self.args.sara_anchor_path is not None:
+            problem = f"holds no anchors for the {', '.join(lacking)} dataset(s)" if lacking else "does not exist"
             raise ValueError(
-                f"Resuming a run whose offline anchors are gone: {path} does not exist, and anchors must be computed "
-                "with the model before training, not with the checkpoint. Put back the anchors file of the first run "
-                "(or pass it as `sara_anchor_path`), or start the training from the base model."
+                f"`sara_anchor_path={path!r}` {problem}. Compute the anchors of every dataset with `hf-sara anchors` "
+                "(eval splits too), or leave `sara_anchor_path` unset to compute them here."
             )
-        else:
-            anchors, self.anchor_rows_computed = OfflineAnchors.compute(
-                model,
-                {name: AnchorTable(store.tables[name], *ranges[name]) for name in missing},
-                path,
-                expected,
-                data_collator=self._sara_base_collator,
-                batch_size=self.args.per_device_eval_batch_size,
-                pooling=self.args.sara_pooling,
-                device=self.args.device,
-                process_index=self.accelerator.process_index,
-                num_processes=self.accelerator.num_processes,
-                gather=self.accelerator.gather,
-                write=self.args.should_save,
-                wait_for_everyone=self.accelerator.wait_for_everyone,
-            )
-            logger.info(
-                f"SARA: this rank computed {self.anchor_rows_computed} anchor rows of "
-                f"{sum(len(store.tables[name]) for name in missing)}."
-            )
+        if lacking:
+            logger.warning(f"SARA: {path} holds no anchors for {lacking}; recomputing the anchors of every dataset.")
+        anchors, self.anchor_rows_computed = OfflineAnchors.compute(
+            model,
+            tables,
+            path,
+            self._anchor_metadata(list(tables)),
+            **options,
+            process_index=self.accelerator.process_index,
+            num_processes=self.accelerator.num_processes,
+            gather=self.accelerator.gather,
+            write=self.args.should_save,
+            wait_for_everyone=self.accelerator.wait_for_everyone,
+        )
+        logger.info(
+            f"SARA: this rank computed {self.anchor_rows_computed} anchor rows of "
+            f"{sum(len(table.rows) for table in tables.values())}."
+        )
         self._sara_offline = anchors
 
     @property

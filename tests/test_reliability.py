@@ -1,5 +1,6 @@
 """Bad input, stale state and faults: each gets one clear error naming the problem and the fix, or the right result."""
 
+import json
 import math
 import os
 import stat
@@ -23,7 +24,7 @@ from hf_sara.demo import save_tiny_model
 from hf_sara.files import atomic_write
 
 from .test_cli import _assert_one_line_error
-from .testing_utils import load_pairs, pairs_model, pairs_tokenizer, sara_config
+from .testing_utils import load_pairs, pairs_in_format, pairs_model, pairs_tokenizer, sara_config
 
 
 def _trainer(tmp_path, dataset=None, eval_dataset=None, model=None, **overrides):
@@ -106,6 +107,61 @@ class TestDatasets:
         trainer.train()
         metrics = trainer.evaluate()
         assert "eval_sw.dev_loss" in metrics and metrics["eval_sara/js"] > 0
+
+
+class TestStaleAnchors:
+    """The offline anchors file is reused only for the model, tokens and datasets it was computed with."""
+
+    def _computed(self, tmp_path, **overrides):
+        trainer = _trainer(tmp_path, **overrides)
+        trainer.offline_anchors  # noqa: B018 - computes and writes them
+        return trainer
+
+    def test_another_max_length_is_refused(self, tmp_path):
+        tokenizer = pairs_tokenizer()
+        short_prompts = load_pairs().filter(lambda row: len(tokenizer(row["prompt"]).input_ids) < 16)
+        self._computed(tmp_path, dataset=short_prompts)
+        with pytest.raises(ValueError, match="other anchor tokens.*max_length"):
+            _trainer(tmp_path, dataset=short_prompts, max_length=20).train()  # cuts the anchors (16-29 tokens)
+
+    def test_another_chat_template_is_refused(self, tmp_path):
+        dataset = pairs_in_format("messages")
+        _trainer(tmp_path, dataset=dataset).offline_anchors  # noqa: B018
+        tokenizer = pairs_tokenizer()
+        template = tokenizer.chat_template
+        try:
+            tokenizer.chat_template = template.replace("<|end|>", "<|end|><|end|>")
+            with pytest.raises(ValueError, match="other anchor tokens.*chat template"):
+                _trainer(tmp_path, dataset=dataset).train()
+        finally:
+            tokenizer.chat_template = template
+
+    def test_other_non_router_weights_are_refused(self, tmp_path):
+        self._computed(tmp_path)
+        model = pairs_model()
+        with torch.no_grad():
+            model.model.layers[0].post_attention_layernorm.weight.mul_(1.5)  # e.g. after a first training stage
+        with pytest.raises(ValueError, match="do not belong to this model: recomputing 4 rows.*Remove the file"):
+            _trainer(tmp_path, model=model).train()
+
+    def test_the_same_in_memory_dataset_reuses_the_anchors(self, tmp_path):
+        first = self._computed(tmp_path, dataset=Dataset.from_list(load_pairs().to_list()))
+        mtime = os.path.getmtime(first.offline_anchors.path)
+        second = _trainer(tmp_path, dataset=Dataset.from_list(load_pairs().to_list()))
+        second.train()
+        assert os.path.getmtime(second.offline_anchors.path) == mtime
+
+    def test_a_new_eval_set_after_training_is_refused_before_training_computed(self, tmp_path):
+        trainer = _trainer(tmp_path)
+        trainer.train()
+        new_eval = load_pairs().select(range(3))
+        with pytest.raises(ValueError, match="holds no anchors for the eval dataset.*before `train\\(\\)`"):
+            trainer.evaluate(new_eval)
+        untrained = _trainer(tmp_path / "untrained")
+        untrained.offline_anchors  # noqa: B018 - the train anchors only
+        metrics = untrained.evaluate(new_eval)  # recomputes the file with the eval anchors, model still untrained
+        assert metrics["eval_sara/js"] >= 0
+        assert sorted(json.loads(untrained.offline_anchors.file.metadata["datasets"])) == ["eval", "train"]
 
 
 class TestAnchorFiles:
