@@ -21,6 +21,13 @@ _REENTRANT_CHECKPOINT_ERROR = (
 )
 
 
+_NO_GRAD_INSIDE_ERROR = (
+    "A router ran under torch.no_grad() inside a routing capture opened with gradients enabled: `generate()` or a "
+    "`torch.no_grad()` block inside `capture_routing`. A capture records one forward: open it inside the no_grad "
+    "block (or use `routing_distributions`), and for generation capture the prompt's forward, not `generate()`."
+)
+
+
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
@@ -40,7 +47,9 @@ class RoutingCapture:
         sites: list[RouterSite],
         keep_scores: bool = False,
         recompute_router_logits: bool = False,
+        checkpointing: bool = True,
     ):
+        self.checkpointing = checkpointing
         self.segments = segments
         self.sites = sites
         self.pooled: list[torch.Tensor | None] = [None] * num_layers
@@ -61,7 +70,7 @@ class RoutingCapture:
         probabilities, see [`pool_routing_from_router_input`].
         """
         if self.grad_enabled and not torch.is_grad_enabled():
-            raise RuntimeError(_REENTRANT_CHECKPOINT_ERROR)
+            raise RuntimeError(_REENTRANT_CHECKPOINT_ERROR if self.checkpointing else _NO_GRAD_INSIDE_ERROR)
         if self.pooled[layer] is not None:
             raise RuntimeError(
                 f"The router {site.name!r} ran twice while one routing capture was open. Open one capture per forward "
@@ -190,10 +199,11 @@ def capture_routing(
         raise RuntimeError("A routing capture is already open on this model; captures cannot be nested.")
     device = next((t.device for t in (attention_mask, sequence_ids, position_ids) if t is not None), None)
     segments = token_segments(input_shape, attention_mask, position_ids, token_mask, device, sequence_ids)
+    checkpointing = activation_checkpointing(model)
     if recompute_router_logits is None:
-        recompute_router_logits = not activation_checkpointing(model)
+        recompute_router_logits = not checkpointing
     capture = RoutingCapture(
-        segments, len(state.captured_layers), state.captured_sites, keep_scores, recompute_router_logits
+        segments, len(state.captured_layers), state.captured_sites, keep_scores, recompute_router_logits, checkpointing
     )
     state.active = capture
     try:

@@ -14,6 +14,9 @@ the top-k weights that the router itself returns.
 from __future__ import annotations
 
 from transformers import PretrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 SOFTMAX = "softmax"
 SIGMOID = "sigmoid"
@@ -59,6 +62,27 @@ SIGMOID_SCORING_MODEL_TYPES = frozenset(
     }
 )
 
+# Families whose softmax scoring the tests check against the router's own top-k weights (tests/test_families.py).
+SOFTMAX_SCORING_MODEL_TYPES = frozenset(
+    {
+        "deepseek_v2",
+        "ernie4_5_moe",
+        "flex_olmo",
+        "gpt_oss",
+        "granitemoe",
+        "granitemoeshared",
+        "hunyuan_v1_moe",
+        "jamba",
+        "minimax",
+        "mixtral",
+        "olmoe",
+        "phimoe",
+        "qwen2_moe",
+        "qwen3_moe",
+        "qwen3_next",
+    }
+)
+
 # Families whose recorded router output already is a probability distribution over experts, not logits.
 PROBABILITY_OUTPUT_MODEL_TYPES = frozenset({"gemma4_text"})
 
@@ -92,6 +116,13 @@ def scoring_function(config: PretrainedConfig) -> str:
         return PROBABILITIES
     if model_type in SIGMOID_SCORING_MODEL_TYPES:
         return SIGMOID
+    if model_type not in SOFTMAX_SCORING_MODEL_TYPES:
+        logger.warning_once(
+            f"hf_sara: the scoring function of model_type {model_type!r} is not in hf_sara's table; its router "
+            "logits are taken as softmax scores. If this family scores experts with a sigmoid (DeepSeek-V3 style, "
+            "with an `e_score_correction_bias`), set `config.scoring_func = 'sigmoid'` (on the config that owns the "
+            "router) before `patch_model`, or the routing distributions will be wrong."
+        )
     return SOFTMAX
 
 

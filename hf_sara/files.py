@@ -1,10 +1,11 @@
-"""Atomic file writes: a temporary file next to the target, renamed into place once complete."""
+"""Safe writes: atomic files (a temporary file renamed into place once complete) and one writer per output folder."""
 
 from __future__ import annotations
 
 import contextlib
 import glob
 import os
+import socket
 from collections.abc import Iterator
 
 
@@ -72,3 +73,52 @@ def atomic_write(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+LOCK_FILE_NAME = ".hf_sara.lock"
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike) -> Iterator[None]:
+    """
+    Holds `directory` for one writer: two trainings with the same `output_dir` would otherwise both run and leave a
+    mix of the two (checkpoints, anchors, model card). A lock left by a process killed on this machine is taken over;
+    one from another machine is reported, since only its owner can tell whether that run is over.
+
+    Raises:
+        `RuntimeError`: naming the running process and the fix, when another one holds the directory.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, LOCK_FILE_NAME)
+    host = socket.gethostname()
+    owner = f"{host} {os.getpid()}"
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    holder_host, _, holder_pid = handle.read().strip().partition(" ")
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if holder_host == host and holder_pid.isdigit() and not _pid_alive(int(holder_pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)  # its owner was killed
+                continue
+            raise RuntimeError(
+                f"Another training is writing to {directory} (process {holder_pid or '?'} on {holder_host or '?'}, "
+                f"see {path}). Two runs in one output_dir would mix their checkpoints and anchors: choose another "
+                "`output_dir`, or wait for that run to end. If it is not running any more (it was on another "
+                "machine), delete the lock file."
+            ) from None
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(owner)
+        break
+    else:
+        raise RuntimeError(f"Could not lock {directory} ({path} keeps changing).")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)

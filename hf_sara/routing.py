@@ -127,6 +127,10 @@ def token_segments(
         `ValueError`: when a row (or packed sequence) has no token left to pool.
     """
     batch_size, seq_len = int(input_shape[0]), int(input_shape[1])
+    if seq_len == 0 or batch_size == 0:
+        raise ValueError(
+            f"The batch has shape {(batch_size, seq_len)}: there is no token to route. Drop empty inputs."
+        )
     pooled = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
     if attention_mask is not None:
         if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch_size, seq_len):
@@ -135,6 +139,7 @@ def token_segments(
                 f"{tuple(attention_mask.shape)}."
             )
         pooled &= attention_mask.to(device=pooled.device).bool()
+    real = pooled.clone()  # tokens that are not padding
     if token_mask is not None:
         pooled &= token_mask.to(device=pooled.device).bool()
 
@@ -167,6 +172,22 @@ def token_segments(
             )
         counts = raw_counts
     else:
+        if sequence_ids is None:
+            # Packed rows: a row of padding only, or a sequence whose real tokens are all masked out, would silently
+            # shorten the result; only segments of pure padding (between packed sequences) may go.
+            empty_rows = (~real.any(dim=1)).nonzero().flatten().tolist()
+            real_counts = torch.bincount(segment_ids.flatten()[real.flatten()], minlength=num_raw_segments)
+            masked_out = ((real_counts > 0) & (raw_counts == 0)).nonzero().flatten().tolist()
+            if empty_rows or masked_out:
+                where = (
+                    f"row(s) {empty_rows} hold only padding"
+                    if empty_rows
+                    else (f"packed sequence(s) {masked_out} (padding runs counted) keep no token after `token_mask`")
+                )
+                raise ValueError(
+                    f"In this batch, {where}, so fewer distributions than sequences would come back. Drop empty "
+                    "rows, or pool over all real tokens."
+                )
         # Segments made only of padding (padding-free batches have none, padded ones may) are dropped; the others are
         # renumbered 0..n-1 in order.
         kept = raw_counts > 0

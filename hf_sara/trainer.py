@@ -34,6 +34,7 @@ from .compat import sft_trainer_compatibility
 from .config import SARAConfig
 from .data import LANGUAGE_COLUMN, ROW_COLUMN, TOKEN_ROWS_COLUMN, anchored_rows, detect_paired_format, split_pairs
 from .families import num_experts
+from .files import directory_lock
 from .layers import resolve_layers
 from .loss import js_divergence, sara_alignment_loss
 from .patching import get_routing_state, patch_model
@@ -121,6 +122,7 @@ class SARATrainer(SFTTrainer):
         self._sara_store = AnchorStore()
         self._sara_offline: OfflineAnchors | None = None
         self._sara_token_digests: dict[str, str] = {}
+        self._sara_prepared_examples: dict[str, Dataset] = {}  # by the store's dataset name
         # How many offline anchor rows this rank computed (0 when they were read from a file).
         self.anchor_rows_computed = 0
         self._sara_router_checksum: str | None = None  # of the model before training, identifies offline anchors
@@ -139,10 +141,40 @@ class SARATrainer(SFTTrainer):
             padding_free=self.padding_free,
             collate_anchors=args.sara_anchor_mode == "online" or args.anchor_sft_weight > 0,
         )
+        if args.sara_pooling != "all":
+            self._check_pooled_tokens()
         logger.info(
             f"SARA: aligning MoE layers {self._sara_layer_indices} of {self._sara_num_layers} with weight "
             f"{args.sara_weight} ({args.sara_anchor_mode} anchors, pooling {args.sara_pooling!r})."
         )
+
+    def _check_pooled_tokens(self, chunk_size: int = 256) -> None:
+        """
+        With `sara_pooling` "prompt" or "completion", refuses rows whose example or anchor has no such token: their
+        routing would be an empty mean, and the row would silently drop out of the alignment.
+        """
+        collator = SARADataCollator(self._sara_base_collator, self._sara_store, self.padding_free, False)
+        for name, offset in self._sara_store.offsets.items():
+            sides = {"example": self._sara_prepared_examples[name], "anchor": self._sara_store.tables[name]}
+            for side, dataset in sides.items():
+                if len(dataset) == 0:
+                    continue
+                missing = set()
+                for start in range(0, len(dataset), chunk_size):
+                    rows = list(dataset.select(range(start, min(start + chunk_size, len(dataset)))))
+                    batch = collator._collate(rows)
+                    row_ids = batch[SEQUENCE_IDS_KEY]
+                    pooled = pooling_token_mask(batch["labels"], self.args.sara_pooling) & (row_ids >= 0)
+                    missing |= set(row_ids[row_ids >= 0].tolist()) - set(row_ids[pooled].tolist())
+                if missing:
+                    rows = sorted(row - offset for row in missing)
+                    kind = "prompt (out of the SFT loss)" if self.args.sara_pooling == "prompt" else "completion"
+                    raise ValueError(
+                        f"With `sara_pooling={self.args.sara_pooling!r}`, the {side} of row(s) {rows[:10]}"
+                        f"{' ...' if len(rows) > 10 else ''} of the {name} dataset has no {kind} token to pool, so "
+                        "those rows would silently drop out of the alignment. Use `sara_pooling='all'`, or give every "
+                        "example and anchor a prompt and a completion (prompt/completion or conversational format)."
+                    )
 
     def _check_user_patch(self) -> None:
         """Refuses a model that the user patched with a subset of the MoE layers, rather than replacing the patch."""
@@ -168,6 +200,16 @@ class SARATrainer(SFTTrainer):
             yield
         finally:
             args.shuffle_dataset = shuffle
+
+    @contextlib.contextmanager
+    def _without_truncation(self, args: SARAConfig, active: bool):
+        max_length = args.max_length
+        if active:
+            args.max_length = None
+        try:
+            yield
+        finally:
+            args.max_length = max_length
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if isinstance(dataset, IterableDataset):
@@ -201,7 +243,9 @@ class SARATrainer(SFTTrainer):
                 )
             self._check_nothing_dropped(anchors, prepared_anchors, offset, dataset_name, "the anchor of ", args)
         if packing:
-            with self._without_shuffle(args):
+            # Tokenized here without packing (to carry each token's row id into the packs), so without truncation
+            # too when `bfd_split` is to split long examples into several packs rather than cut them.
+            with self._without_shuffle(args), self._without_truncation(args, args.packing_strategy == "bfd_split"):
                 prepared = super()._prepare_dataset(examples, processing_class, args, False, None, dataset_name)
             self._check_nothing_dropped(examples, prepared, offset, dataset_name, "", args)
             prepared = self._pack(prepared, args, dataset_name)
@@ -210,6 +254,7 @@ class SARATrainer(SFTTrainer):
             self._check_nothing_dropped(examples, prepared, offset, dataset_name, "", args)
         languages = dataset[LANGUAGE_COLUMN] if LANGUAGE_COLUMN in dataset.column_names else None
         self._sara_store.add(name, prepared_anchors, languages)
+        self._sara_prepared_examples[name] = prepared
         return prepared
 
     @staticmethod
@@ -396,11 +441,13 @@ class SARATrainer(SFTTrainer):
         return model, train_dataloader
 
     def train(self, *args, **kwargs):
+        # One training per output_dir (held by the main process): two would mix their checkpoints and anchors.
+        lock = directory_lock(self.args.output_dir) if self.is_world_process_zero() else contextlib.nullcontext()
         if self.args.sara_anchor_mode == "offline" and self._sara_router_checksum is None:
             # Before a checkpoint is loaded: the anchors belong to the model before training, also when resuming.
             self._sara_router_checksum = router_checksum(self.model)
         try:
-            with sft_trainer_compatibility(self.model):
+            with lock, sft_trainer_compatibility(self.model):
                 return super().train(*args, **kwargs)
         finally:
             # SFTTrainer leaves `output_router_logits=True` in the config after training, which breaks `generate()`

@@ -126,3 +126,33 @@ def test_patching_keeps_outputs_bit_identical(model_type):
     hf_sara.unpatch_model(model)
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks_before
     assert not hf_sara.is_patched(model)
+
+
+def test_every_tested_family_is_in_the_scoring_table():
+    from hf_sara.families import (
+        PROBABILITY_OUTPUT_MODEL_TYPES,
+        SIGMOID_SCORING_MODEL_TYPES,
+        SOFTMAX_SCORING_MODEL_TYPES,
+    )
+
+    table = SOFTMAX_SCORING_MODEL_TYPES | SIGMOID_SCORING_MODEL_TYPES | PROBABILITY_OUTPUT_MODEL_TYPES
+    assert set(MODEL_TYPES) <= table
+    assert not SOFTMAX_SCORING_MODEL_TYPES & SIGMOID_SCORING_MODEL_TYPES
+
+
+def test_an_unknown_model_type_is_said_out_loud(caplog):
+    from transformers.utils import logging as hf_logging
+
+    from hf_sara.families import scoring_function
+
+    config = tiny_model("qwen3_moe").config
+    config.model_type = "brand_new_moe"
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            assert scoring_function(config) == "softmax"
+    finally:
+        hf_logging.disable_propagation()
+    assert "model_type 'brand_new_moe' is not in hf_sara's table" in caplog.text
+    config.scoring_func = "sigmoid"
+    assert scoring_function(config) == "sigmoid"

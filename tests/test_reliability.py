@@ -109,6 +109,82 @@ class TestDatasets:
         assert "eval_sw.dev_loss" in metrics and metrics["eval_sara/js"] > 0
 
 
+class TestPoolingAndPacking:
+    def test_prompt_pooling_without_prompt_tokens_is_refused(self, tmp_path):
+        with pytest.raises(ValueError, match=r"sara_pooling='prompt'.*row\(s\) \[0, 1, 2.*no prompt .* token"):
+            _trainer(tmp_path, dataset=pairs_in_format("text"), sara_pooling="prompt", sara_anchor_mode="online")
+
+    def test_bfd_split_keeps_every_token_like_sft_trainer(self, tmp_path):
+        from trl import SFTTrainer
+
+        from .testing_utils import sft_config
+
+        packing = dict(packing=True, packing_strategy="bfd_split", max_length=40)
+        sara = _trainer(tmp_path / "sara", **packing).train_dataset
+        sft = SFTTrainer(
+            model=pairs_model(),
+            args=sft_config(tmp_path / "sft", max_steps=1, **packing),
+            train_dataset=load_pairs(),
+            processing_class=pairs_tokenizer(),
+        ).train_dataset
+
+        def loss_tokens(dataset):
+            return sum(sum(label != -100 for label in labels) for labels in dataset["labels"])
+
+        assert sorted(map(len, sara["input_ids"])) == sorted(map(len, sft["input_ids"]))
+        assert loss_tokens(sara) == loss_tokens(sft) > 0
+        # Each example's tokens, split over packs, keep its row id.
+        assert sum(map(len, sara["sara_token_rows"])) == sum(map(len, sara["input_ids"]))
+
+    def test_packed_rows_that_would_vanish_are_refused(self):
+        model = patch_model(pairs_model()).eval()
+        input_ids = torch.randint(3, 100, (3, 6))
+        attention_mask = torch.ones(3, 6, dtype=torch.long)
+        attention_mask[1] = 0  # a row of padding only
+        position_ids = torch.arange(6).repeat(3, 1)
+        from hf_sara import routing_distributions
+
+        with pytest.raises(ValueError, match=r"row\(s\) \[1\] hold only padding, so fewer distributions"):
+            routing_distributions(model, input_ids, attention_mask, position_ids=position_ids)
+        assert routing_distributions(model, input_ids[[0, 2]], position_ids=position_ids[:2]).shape[0] == 2
+
+    def test_an_empty_sequence_is_refused_before_the_model_runs(self):
+        from hf_sara import routing_distributions
+
+        with pytest.raises(ValueError, match="no token to route"):
+            routing_distributions(patch_model(pairs_model()), torch.zeros(2, 0, dtype=torch.long))
+
+    def test_generate_inside_a_capture_is_named(self):
+        from hf_sara import capture_routing
+
+        model = patch_model(pairs_model()).eval()
+        input_ids = torch.randint(3, 100, (1, 5))
+        with pytest.raises(RuntimeError, match="`generate\\(\\)` or a `torch.no_grad\\(\\)` block inside"):
+            with capture_routing(model, input_ids.shape):
+                model.generate(input_ids, max_new_tokens=2, do_sample=False)
+
+
+class TestOutputDirectory:
+    def test_a_second_training_in_the_same_output_dir_is_refused(self, tmp_path):
+        from hf_sara.files import LOCK_FILE_NAME, directory_lock
+
+        with directory_lock(tmp_path):
+            with pytest.raises(RuntimeError, match=r"Another training is writing to .*choose another"):
+                _trainer(tmp_path).train()
+        assert not (tmp_path / LOCK_FILE_NAME).exists()
+        _trainer(tmp_path).train()  # free again
+        assert not (tmp_path / LOCK_FILE_NAME).exists()
+
+    def test_the_lock_of_a_killed_run_is_taken_over(self, tmp_path):
+        import socket
+
+        from hf_sara.files import LOCK_FILE_NAME
+
+        (tmp_path / LOCK_FILE_NAME).write_text(f"{socket.gethostname()} {2**22 + 12345}")
+        _trainer(tmp_path).train()
+        assert not (tmp_path / LOCK_FILE_NAME).exists()
+
+
 class TestStaleAnchors:
     """The offline anchors file is reused only for the model, tokens and datasets it was computed with."""
 
