@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
+import re
 import socket
 from collections.abc import Iterator
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 def _temporary_pattern(path: str) -> str:
@@ -122,3 +128,58 @@ def directory_lock(directory: str | os.PathLike) -> Iterator[None]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
+
+
+def _checkpoint_is_complete(path: str) -> bool:
+    # Trainer writes trainer_state.json last (after the model, optimizer, scheduler and RNG states), not atomically.
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as handle:
+            json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def complete_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | None:
+    """
+    Resolves `Trainer.train`'s `resume_from_checkpoint` to a checkpoint that was saved to the end. transformers writes
+    checkpoints in place, so a run killed while saving leaves a `checkpoint-N` without (or with half) its
+    `trainer_state.json`, which `resume_from_checkpoint=True` would pick and fail on: the last complete one is taken
+    instead, with a warning. An explicit path to an incomplete checkpoint is refused.
+
+    Raises:
+        `ValueError`: for an incomplete checkpoint given by path, or when `True` finds no complete one.
+    """
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if resume_from_checkpoint is True:
+        pattern = re.compile(r"^checkpoint-(\d+)$")
+        found = sorted(
+            (int(match.group(1)), name)
+            for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+            if (match := pattern.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+        )
+        incomplete = []
+        for _, name in reversed(found):
+            path = os.path.join(output_dir, name)
+            if _checkpoint_is_complete(path):
+                if incomplete:
+                    logger.warning(
+                        f"hf_sara: skipping incomplete checkpoint(s) {incomplete} (a run was stopped while saving "
+                        f"them); resuming from {name}."
+                    )
+                return path
+            incomplete.append(name)
+        raise ValueError(
+            f"No complete checkpoint in {output_dir} to resume from"
+            + (f" ({', '.join(incomplete)} were cut short while saving)" if incomplete else "")
+            + ": train from the start (`resume_from_checkpoint=None`)."
+        )
+    path = os.fspath(resume_from_checkpoint)
+    if os.path.isdir(path) and not _checkpoint_is_complete(path):
+        raise ValueError(
+            f"The checkpoint {path} is incomplete: its trainer_state.json is missing or cut short (the run was "
+            "stopped while saving it). Resume from an earlier checkpoint, or pass `resume_from_checkpoint=True` to "
+            "take the last complete one."
+        )
+    return path

@@ -34,7 +34,7 @@ from .compat import sft_trainer_compatibility
 from .config import SARAConfig
 from .data import LANGUAGE_COLUMN, ROW_COLUMN, TOKEN_ROWS_COLUMN, anchored_rows, detect_paired_format, split_pairs
 from .families import num_experts
-from .files import directory_lock
+from .files import complete_checkpoint, directory_lock
 from .layers import resolve_layers
 from .loss import js_divergence, sara_alignment_loss
 from .patching import get_routing_state, patch_model
@@ -440,7 +440,8 @@ class SARATrainer(SFTTrainer):
             self._ensure_offline_anchors(resuming=resume_from_checkpoint is not None)
         return model, train_dataloader
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        resume_from_checkpoint = complete_checkpoint(resume_from_checkpoint, self.args.output_dir)
         # One training per output_dir (held by the main process): two would mix their checkpoints and anchors.
         lock = directory_lock(self.args.output_dir) if self.is_world_process_zero() else contextlib.nullcontext()
         if self.args.sara_anchor_mode == "offline" and self._sara_router_checksum is None:
@@ -448,7 +449,7 @@ class SARATrainer(SFTTrainer):
             self._sara_router_checksum = router_checksum(self.model)
         try:
             with lock, sft_trainer_compatibility(self.model):
-                return super().train(*args, **kwargs)
+                return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             # SFTTrainer leaves `output_router_logits=True` in the config after training, which breaks `generate()`
             # for several families; put back what the model had.

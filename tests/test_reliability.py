@@ -1,9 +1,13 @@
 """Bad input, stale state and faults: each gets one clear error naming the problem and the fix, or the right result."""
 
+import glob
 import json
 import math
 import os
+import signal
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -322,3 +326,61 @@ class TestCommandLine:
         code = main(["pairs", "--multilingual", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "p.jsonl")])
         _assert_one_line_error(capsys, code, "item 1: expected a JSON object")
         assert not (tmp_path / "p.jsonl").exists()
+
+
+class TestKilledWrites:
+    """SIGKILL in the middle of each file hf_sara writes, then a rerun or a resume: nothing half-written is used."""
+
+    SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "killed_run.py")
+
+    def _run(self, output_dir, kill_at, *extra):
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        command = [sys.executable, self.SCRIPT, str(output_dir), kill_at, *extra]
+        return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+
+    @pytest.fixture(scope="class")
+    def uninterrupted(self, tmp_path_factory):
+        output_dir = tmp_path_factory.mktemp("uninterrupted")
+        completed = self._run(output_dir, "none")
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        return json.loads((output_dir / "done.json").read_text())["losses"]
+
+    def test_killed_while_writing_the_anchors(self, tmp_path, uninterrupted):
+        killed = self._run(tmp_path, "anchors")
+        assert killed.returncode == -signal.SIGKILL
+        assert not (tmp_path / ANCHORS_FILE_NAME).exists()
+        assert len(glob.glob(str(tmp_path / f".{ANCHORS_FILE_NAME}.*.tmp"))) == 1  # what the kill left
+        rerun = self._run(tmp_path, "none")
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert glob.glob(str(tmp_path / "*.tmp")) + glob.glob(str(tmp_path / ".*.tmp")) == []
+        assert json.loads((tmp_path / "done.json").read_text())["losses"] == pytest.approx(uninterrupted, abs=1e-6)
+
+    def test_killed_while_saving_a_checkpoint(self, tmp_path, uninterrupted):
+        killed = self._run(tmp_path, "checkpoint")
+        assert killed.returncode == -signal.SIGKILL
+        assert (tmp_path / "checkpoint-4").is_dir() and (tmp_path / ".hf_sara.lock").exists()  # as the kill left them
+        resumed = self._run(tmp_path, "none", "--resume")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "skipping incomplete checkpoint(s) ['checkpoint-4']" in resumed.stderr, resumed.stderr[-3000:]
+        losses = json.loads((tmp_path / "done.json").read_text())["losses"]
+        assert sorted(losses) == ["1", "2", "3", "4", "5", "6"]  # steps 1-2 from checkpoint-2's history
+        # As close as TRL's own resume gets to its uninterrupted run (see test_trainer's resume test).
+        assert [losses[step] for step in "3456"] == pytest.approx([uninterrupted[step] for step in "3456"], abs=2e-4)
+
+    def test_an_incomplete_checkpoint_given_by_path_is_refused(self, tmp_path):
+        (tmp_path / "checkpoint-4").mkdir()
+        (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "log_hist')
+        with pytest.raises(ValueError, match="checkpoint-4 is incomplete.*resume_from_checkpoint=True"):
+            _trainer(tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+        with pytest.raises(ValueError, match=r"No complete checkpoint .*checkpoint-4 were cut short"):
+            _trainer(tmp_path).train(resume_from_checkpoint=True)
+
+    def test_killed_while_writing_pairs(self, tmp_path):
+        killed = self._run(tmp_path, "pairs")
+        assert killed.returncode == -signal.SIGKILL
+        assert not (tmp_path / "pairs.jsonl").exists()
+        assert len(glob.glob(str(tmp_path / ".pairs.jsonl.*.tmp"))) == 1
+        from hf_sara.pairs import write_jsonl
+
+        write_jsonl([{"text": "a", "anchor_text": "b"}], str(tmp_path / "pairs.jsonl"))
+        assert os.listdir(tmp_path) == ["pairs.jsonl"]
