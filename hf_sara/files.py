@@ -183,3 +183,18 @@ def complete_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: s
             "take the last complete one."
         )
     return path
+
+
+def checkpoint_weight_names(checkpoint: str) -> set[str] | None:
+    """The tensor names a checkpoint folder's safetensors weights hold (single file or sharded), or `None`."""
+    single = os.path.join(checkpoint, "model.safetensors")
+    index = os.path.join(checkpoint, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as handle:
+            return set(handle.keys())
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            return set(json.load(handle)["weight_map"])
+    return None

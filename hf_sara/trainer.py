@@ -34,7 +34,7 @@ from .compat import sft_trainer_compatibility
 from .config import SARAConfig
 from .data import LANGUAGE_COLUMN, ROW_COLUMN, TOKEN_ROWS_COLUMN, anchored_rows, detect_paired_format, split_pairs
 from .families import num_experts
-from .files import complete_checkpoint, directory_lock
+from .files import checkpoint_weight_names, complete_checkpoint, directory_lock
 from .layers import resolve_layers
 from .loss import js_divergence, sara_alignment_loss
 from .patching import get_routing_state, patch_model
@@ -439,6 +439,23 @@ class SARATrainer(SFTTrainer):
         if self.args.sara_anchor_mode == "offline":
             self._ensure_offline_anchors(resuming=resume_from_checkpoint is not None)
         return model, train_dataloader
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = model if model is not None else self.model
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or hasattr(model, "peft_config"):
+            return
+        # transformers 5 saves a model in its checkpoint format (e.g. one tensor per expert), but Trainer loads that
+        # state dict into the live model without converting it back: fused MoE experts (`experts.gate_up_proj`)
+        # silently keep the weights they had before the resume. Load the checkpoint through `from_pretrained`, which
+        # converts, when its keys do not cover the model's.
+        stored = checkpoint_weight_names(resume_from_checkpoint)
+        if stored is None or set(model.state_dict()) <= stored:
+            return
+        dtype = next(model.parameters()).dtype
+        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        logger.info(f"SARA: loaded the weights of {resume_from_checkpoint} with transformers' checkpoint conversion.")
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         resume_from_checkpoint = complete_checkpoint(resume_from_checkpoint, self.args.output_dir)

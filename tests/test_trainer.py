@@ -402,9 +402,9 @@ class TestTraining:
         resumed = run(partial, 6, resume=str(partial / "checkpoint-2"))
         resumed_losses = [e["loss"] for e in resumed.state.log_history if "loss" in e and e["step"] > 2]
         full_losses = [e["loss"] for e in full.state.log_history if "loss" in e and e["step"] > 2]
-        # TRL's plain SFTTrainer resumes to within 9e-5 of its uninterrupted run in this setting (measured), not
-        # bit-exactly, so that is the floor here too.
-        assert resumed_losses == pytest.approx(full_losses, abs=2e-4)
+        # TRL's plain SFTTrainer resumes 9e-5 off its uninterrupted run here: transformers' Trainer does not restore
+        # fused MoE experts from a checkpoint. SARATrainer loads them through the checkpoint conversion.
+        assert resumed_losses == pytest.approx(full_losses, abs=1e-6)
         resumed_js = [e["sara/js"] for e in resumed.state.log_history if "sara/js" in e and e["step"] > 2]
         full_js = [e["sara/js"] for e in full.state.log_history if "sara/js" in e and e["step"] > 2]
         assert resumed_js == pytest.approx(full_js, rel=1e-2)
