@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .capture import routing_distributions
+from .data import LANGUAGE_COLUMN, anchored_rows, detect_paired_format
 from .loss import js_divergence
 
 ANCHOR_LANGUAGE = "anchor"
@@ -99,15 +100,15 @@ def analyze_routing(
         [`RoutingReport`]
     """
     prefix = "anchor_"
-    anchored = [
-        index
-        for index, row in enumerate(dataset.select_columns([c for c in dataset.column_names if c.startswith(prefix)]))
-        if all(value for value in row.values())
-    ]
+    # The same reading of the paired format as the trainer's: only the format's own anchor columns count, and every
+    # example must be there.
+    has_anchor = anchored_rows(dataset, detect_paired_format(dataset.column_names, prefix))
+    anchored = [index for index, flag in enumerate(has_anchor) if flag]
     if not anchored:
         raise ValueError("No row of the dataset has an anchor to compare with.")
     dataset = dataset.select(anchored)
-    languages = dataset["language"] if "language" in dataset.column_names else ["unknown"] * len(dataset)
+    languages = dataset[LANGUAGE_COLUMN] if LANGUAGE_COLUMN in dataset.column_names else [None] * len(dataset)
+    languages = ["unknown" if language is None else str(language) for language in languages]
     was_training = model.training
     model.eval()
     try:

@@ -68,6 +68,34 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
+def _batch_size(value: str) -> int | str:
+    return value if value == "auto" else _positive_int(value)
+
+
+def _device(value: str) -> str:
+    import torch
+
+    try:
+        torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    return value
+
+
 def _check_local_reference(name: str, what: str) -> None:
     """A name written as a local path must exist (otherwise the Hub client reports an invalid repo id)."""
     if (os.path.isabs(name) or name.startswith((".", "~"))) and not os.path.exists(os.path.expanduser(name)):
@@ -165,7 +193,7 @@ def anchors_command(argv: list[str]) -> int:
 
     # Under `accelerate launch` every rank computes its share of the rows; one rank writes the file.
     trainer, _, _ = _build_trainer(argv, "hf-sara anchors")
-    anchors = trainer.offline_anchors
+    anchors = trainer.prepare_offline_anchors()
     name = next(iter(anchors.ranges))
     rows, layers, _ = anchors.file.shape(f"{name}.distributions")
     computed = trainer.accelerator.gather(torch.tensor([trainer.anchor_rows_computed], device=trainer.args.device))
@@ -275,6 +303,11 @@ def pairs_command(argv: list[str]) -> int:
 
     from .pairs import pairs_from_aligned_files, pairs_from_multilingual, write_jsonl
 
+    inputs = args.aligned or [args.multilingual]
+    if any(
+        os.path.exists(path) and os.path.samefile(path, args.output) for path in inputs if os.path.exists(args.output)
+    ):
+        raise CommandError(f"--output {args.output} is one of the input files: write the pairs to another file")
     if args.aligned:
         if not args.language:
             raise CommandError("--language is required with --aligned (the language code of SOURCE)")
@@ -336,35 +369,27 @@ def eval_command(argv: list[str]) -> int:
         "--files", nargs="+", default=[], metavar="[LANG=]FILE", help="local .jsonl/.json/.csv files, one per language"
     )
     parser.add_argument("--output-dir", required=True, help="where the tables, chart, task files and cache go")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's own)")
-    parser.add_argument("--batch-size", default="8", help="harness batch size, or 'auto' (default: 8)")
-    parser.add_argument("--limit", type=float, default=None, help="only the first N items (or fraction) per task")
-    parser.add_argument("--max-length", type=int, default=None, help="longest input (default: the model's)")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16 or float32")
+    parser.add_argument(
+        "--num-fewshot", type=_non_negative_int, default=None, help="few-shot examples (default: the task's own)"
+    )
+    parser.add_argument("--batch-size", type=_batch_size, default=8, help="harness batch size, or 'auto' (default: 8)")
+    parser.add_argument(
+        "--limit", type=_positive_float, default=None, help="only the first N items (or a fraction < 1) per task"
+    )
+    parser.add_argument("--max-length", type=_positive_int, default=None, help="longest input (default: the model's)")
+    parser.add_argument("--device", type=_device, default=None, help="default: cuda when available, else cpu")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="model dtype"
+    )
     parser.add_argument("--apply-chat-template", action="store_true", help="format prompts with the chat template")
     parser.add_argument("--no-cache", action="store_true", help="do not keep the harness's response cache")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
 
-    from .analysis import markdown_table
     from .eval_files import sample_eval_files
-    from .evaluation import (
-        accuracy_table,
-        check_task_names,
-        evaluate_model,
-        model_fingerprint,
-        parse_sources,
-        require_lm_eval,
-        task_manager_for,
-        write_eval_report,
-        write_local_tasks,
-    )
+    from .evaluation import check_task_names, parse_sources, require_lm_eval, task_manager_for
 
     require_lm_eval()
-    import torch
-    from transformers import AutoModelForCausalLM
-
     _check_local_reference(args.model, "model")
     if args.adapter:
         _check_local_reference(args.adapter, "adapter")
@@ -373,10 +398,35 @@ def eval_command(argv: list[str]) -> int:
     tasks_dir = os.path.join(args.output_dir, "harness_tasks")
     task_manager = task_manager_for()
     check_task_names(sources, task_manager)  # before loading the model, which can take minutes
+    created = [path for path in (args.output_dir, tasks_dir) if not os.path.exists(path)]
+    try:
+        return _evaluate_and_report(args, sources, tasks_dir, task_manager)
+    except BaseException:
+        for path in created:  # leave no partial output behind
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _evaluate_and_report(args, sources, tasks_dir: str, task_manager) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .analysis import markdown_table
+    from .evaluation import (
+        accuracy_table,
+        evaluate_model,
+        model_fingerprint,
+        task_manager_for,
+        write_eval_report,
+        write_local_tasks,
+    )
+
     if write_local_tasks(sources, tasks_dir):  # validated row by row before anything is written
         task_manager = task_manager_for(tasks_dir)
-    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    batch_size = args.batch_size
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    # The harness's cache is keyed by request only: what changes the answers to the same requests goes in its name.
+    settings = f"dtype={args.dtype};max_length={args.max_length};chat_template={args.apply_chat_template}"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code).to(
@@ -387,7 +437,9 @@ def eval_command(argv: list[str]) -> int:
 
     def evaluate(label: str, evaluated, *references: str | None):
         cache = (
-            None if args.no_cache else os.path.join(args.output_dir, "lm_eval_cache", model_fingerprint(*references))
+            None
+            if args.no_cache
+            else os.path.join(args.output_dir, "lm_eval_cache", model_fingerprint(*references, settings))
         )
         print(f"Evaluating the {label} on {', '.join(source.language for source in sources)}")
         return evaluate_model(

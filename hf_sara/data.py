@@ -112,10 +112,19 @@ def anchored_rows(dataset: Dataset, paired_format: PairedFormat) -> list[bool]:
     has_anchor = []
     anchor_fields = [paired_format.anchor_prefix + name for name in paired_format.fields]
     for index, row in enumerate(dataset.select_columns([*paired_format.fields, *anchor_fields])):
-        missing = [name for name in anchor_fields if _is_missing(row[name])]
-        if len(missing) == len(anchor_fields):
+        for name in paired_format.fields:
+            value = row[name]
+            if not isinstance(value, (str, list)):
+                kind = "None" if value is None else type(value).__name__
+                raise ValueError(
+                    f"Row {index}: the example's {name!r} is {kind}, not a text (or messages, or token ids). Every "
+                    f"example needs {list(paired_format.fields)}; drop rows without an example."
+                )
+        if all(_is_missing(row[name]) for name in anchor_fields):
             has_anchor.append(False)
             continue
+        # An empty text is a valid part of an anchor (an empty prompt, say); None is not.
+        missing = [name for name in anchor_fields if row[name] is None]
         if missing:
             raise ValueError(
                 f"Row {index} has an incomplete anchor: {missing} is empty while the other anchor columns are set. "

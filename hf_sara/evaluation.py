@@ -86,13 +86,20 @@ def parse_sources(tasks: Sequence[str] = (), files: Sequence[str] = ()) -> list[
         stem = os.path.splitext(os.path.basename(path))[0]
         language = language or stem.rsplit("_", 1)[-1]
         sources.append(EvalSource(language, f"hf_sara_{re.sub(r'[^0-9A-Za-z_]', '_', language)}", path))
-    seen = set()
+    seen: dict[str, str] = {}
+    tasks: dict[str, str] = {}
     for source in sources:
         if source.language in seen:
             raise ValueError(
                 f"language {source.language!r} is given twice; name each source's language with LANG=TASK or LANG=FILE"
             )
-        seen.add(source.language)
+        seen[source.language] = source.task
+        if source.task in tasks:
+            raise ValueError(
+                f"languages {tasks[source.task]!r} and {source.language!r} both become the harness task "
+                f"{source.task!r} (task names keep letters, digits and '_' only); give them names that differ there"
+            )
+        tasks[source.task] = source.language
     return sources
 
 

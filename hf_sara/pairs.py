@@ -12,7 +12,7 @@ from .files import atomic_write
 
 def _read_text(path: str, newline: str | None = None) -> str:
     try:
-        with open(path, encoding="utf-8", newline=newline) as handle:
+        with open(path, encoding="utf-8-sig", newline=newline) as handle:  # -sig: a leading byte-order mark is dropped
             return handle.read()
     except UnicodeDecodeError as error:
         raise ValueError(
@@ -96,13 +96,17 @@ def pairs_from_multilingual(
     records = _records(path)
     if not records:
         raise ValueError(f"{path} holds no rows.")
-    columns = list(records[0])
+    columns = list(dict.fromkeys(column for record in records for column in record))  # every record's, in order
     if anchor_language not in columns:
         raise ValueError(
             f"{path} has no column for the anchor language {anchor_language!r} (its columns are {columns}). "
             "Pass `--anchor-language` with one of them."
         )
     targets = [c for c in columns if c != anchor_language] if languages is None else list(languages)
+    if anchor_language in targets:
+        raise ValueError(
+            f"--languages includes the anchor language {anchor_language!r}: its items would be anchored to themselves."
+        )
     missing = [language for language in targets if language not in columns]
     if missing:
         raise ValueError(f"{path} has no column for {missing} (its columns are {columns}).")
@@ -114,11 +118,17 @@ def pairs_from_multilingual(
             if value in (None, ""):
                 continue
             if isinstance(value, dict):
-                if not {"prompt", "completion"} <= set(value):
+                if not {"prompt", "completion"} <= set(value) or not all(
+                    isinstance(value[key], str) for key in ("prompt", "completion")
+                ):
                     raise ValueError(
-                        f"{path}, row {number}, {language}: expected an object with prompt and completion."
+                        f"{path}, row {number}, {language}: expected an object with a text prompt and completion."
                     )
-                if anchor is not None and not (isinstance(anchor, dict) and {"prompt", "completion"} <= set(anchor)):
+                if anchor is not None and not (
+                    isinstance(anchor, dict)
+                    and {"prompt", "completion"} <= set(anchor)
+                    and all(isinstance(anchor[key], str) for key in ("prompt", "completion"))
+                ):
                     raise ValueError(
                         f"{path}, row {number}: the {language} item has prompt/completion but the "
                         f"{anchor_language} anchor does not."
@@ -140,6 +150,13 @@ def pairs_from_multilingual(
                 raise ValueError(f"{path}, row {number}, {language}: expected a text or a prompt/completion object.")
     if not rows:
         raise ValueError(f"{path} holds no item in {targets}: there is no pair to write.")
+    formats = {"text" if "text" in row else "prompt/completion" for row in rows}
+    if len(formats) > 1:
+        first = next(index for index, row in enumerate(rows) if ("text" in row) != ("text" in rows[0]))
+        raise ValueError(
+            f"{path} mixes texts and prompt/completion objects (pair {first + 1} differs from pair 1): a dataset "
+            "holds one format. Split the file by format."
+        )
     return rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from datasets import Dataset, Features, IterableDataset, Sequence, Value
 from torch import nn
-from transformers import TrainingArguments
+from transformers import AutoConfig, TrainingArguments
 from transformers.integrations.deepspeed import deepspeed_init
 from transformers.utils import logging
 from trl import SFTTrainer
@@ -95,11 +96,13 @@ class SARATrainer(SFTTrainer):
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = SARAConfig(f"{name.split('/')[-1]}-SARA")
         elif not isinstance(args, SARAConfig):
-            values = args.to_dict()
-            values["hub_token"] = args.hub_token
-            args = SARAConfig(
-                **{key: value for key, value in values.items() if key in SARAConfig.__dataclass_fields__}
-            )
+            # Field by field, not through `to_dict()`, which masks every `*_token` field (hub_token, eos_token, ...).
+            values = {
+                field.name: getattr(args, field.name)
+                for field in dataclasses.fields(args)
+                if field.init and field.name in SARAConfig.__dataclass_fields__
+            }
+            args = SARAConfig(**values)
         if kwargs.get("formatting_func") is not None:
             raise ValueError(
                 "SARATrainer does not take a `formatting_func`: it would format the examples but not their anchors. "
@@ -117,8 +120,16 @@ class SARATrainer(SFTTrainer):
                 "SARATrainer needs a map-style `datasets.Dataset`: it pairs each example with its anchor by row. "
                 "Materialise the iterable dataset first (e.g. `Dataset.from_generator`)."
             )
-        text_config = None if isinstance(model, str) else model.config.get_text_config()
-        self._sara_output_router_logits = getattr(text_config, "output_router_logits", False) if text_config else False
+        if isinstance(
+            model, str
+        ):  # SFTTrainer loads it, then sets `output_router_logits`: read what it was saved with
+            init = args.model_init_kwargs or {}
+            config = AutoConfig.from_pretrained(
+                model, revision=init.get("revision"), trust_remote_code=getattr(args, "trust_remote_code", False)
+            )
+        else:
+            config = model.config
+        self._sara_output_router_logits = getattr(config.get_text_config(), "output_router_logits", False)
         self._sara_store = AnchorStore()
         self._sara_offline: OfflineAnchors | None = None
         self._sara_token_digests: dict[str, str] = {}
@@ -214,8 +225,14 @@ class SARATrainer(SFTTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if isinstance(dataset, IterableDataset):
             raise ValueError(f"SARATrainer needs a map-style `datasets.Dataset` for the {dataset_name} dataset.")
-        if ROW_COLUMN in dataset.column_names:
-            return dataset  # already prepared by this trainer
+        reserved = [column for column in (ROW_COLUMN, TOKEN_ROWS_COLUMN) if column in dataset.column_names]
+        if reserved:
+            if any(dataset is prepared for prepared in self._sara_prepared_examples.values()):
+                return dataset  # already prepared by this trainer
+            raise ValueError(
+                f"The {dataset_name} dataset has the column(s) {reserved}, which hf_sara reserves for the datasets it "
+                "prepares: pass the raw paired dataset (not one another SARATrainer prepared), or rename the column."
+            )
         if formatting_func is not None:
             raise ValueError("SARATrainer does not take a `formatting_func`; format both sides of the pairs first.")
         paired_format = detect_paired_format(dataset.column_names, args.anchor_prefix, args.dataset_text_field)
@@ -341,11 +358,12 @@ class SARATrainer(SFTTrainer):
             self.deepspeed = self.model_wrapped
         return self.model
 
-    def _ensure_offline_anchors(self, resuming: bool = False) -> None:
+    def _ensure_offline_anchors(self, resuming: bool = False, create_anchor_path: bool = False) -> None:
         """
         Opens the offline anchors of every prepared dataset: from the cache file (checked against this run and, before
         training, against one recomputed batch), or computed with the model as it is now, the rows split across the
-        ranks and the file written once. Every rank must call it.
+        ranks and the file written once. Every rank must call it. `create_anchor_path` lets a missing
+        `sara_anchor_path` be computed (what `hf-sara anchors` does) instead of refused.
         """
         store = self._sara_store
         known = self._sara_offline.ranges if self._sara_offline is not None else {}
@@ -387,7 +405,7 @@ class SARATrainer(SFTTrainer):
                 "the first run (or pass it as `sara_anchor_path`), compute them on the base model with `hf-sara "
                 "anchors`, or use `sara_anchor_mode='online'`."
             )
-        if self.args.sara_anchor_path is not None:
+        if self.args.sara_anchor_path is not None and (lacking or not create_anchor_path):
             problem = f"holds no anchors for the {', '.join(lacking)} dataset(s)" if lacking else "does not exist"
             raise ValueError(
                 f"`sara_anchor_path={path!r}` {problem}. Compute the anchors of every dataset with `hf-sara anchors` "
@@ -417,6 +435,15 @@ class SARATrainer(SFTTrainer):
     def offline_anchors(self) -> OfflineAnchors:
         """The offline anchors of every prepared dataset (computed, or loaded from the cache, on first use)."""
         self._ensure_offline_anchors()
+        return self._sara_offline
+
+    def prepare_offline_anchors(self) -> OfflineAnchors:
+        """
+        Computes the offline anchors of every prepared dataset with the model as it is now (split across the ranks
+        under `accelerate launch`) and writes them to `sara_anchor_path`, or `output_dir/sara_anchors.safetensors`;
+        an existing file is checked and reused. What `hf-sara anchors` runs.
+        """
+        self._ensure_offline_anchors(create_anchor_path=True)
         return self._sara_offline
 
     def compute_anchor_distributions(self) -> torch.Tensor:
@@ -622,7 +649,7 @@ class SARATrainer(SFTTrainer):
         if not self.is_world_process_zero():
             return
         path = os.path.join(self.args.output_dir, "README.md")
-        languages = ", ".join(self._sara_store.languages) or "not given (no `language` column)"
+        languages = ", ".join(map(str, self._sara_store.languages)) or "not given (no `language` column)"
         section = "\n".join(
             [
                 "",
