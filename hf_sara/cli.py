@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -96,9 +97,13 @@ def _device(value: str) -> str:
     return value
 
 
+_DATA_FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt")
+
+
 def _check_local_reference(name: str, what: str) -> None:
     """A name written as a local path must exist (otherwise the Hub client reports an invalid repo id)."""
-    if (os.path.isabs(name) or name.startswith((".", "~"))) and not os.path.exists(os.path.expanduser(name)):
+    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.lower().endswith(_DATA_FILE_EXTENSIONS)
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
         raise CommandError(f"{what} {name} not found: no such file or directory")
 
 
@@ -337,7 +342,14 @@ def demo_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from .demo import format_demo_summary, run_demo
-    from .layers import DEFAULT_LAYERS
+    from .layers import DEFAULT_LAYERS, resolve_layers
+
+    # Checked before the base training, which takes most of the run.
+    if args.steps < 1 or args.base_steps < 1:
+        raise CommandError("--steps and --base-steps must be at least 1")
+    if not (math.isfinite(args.sara_weight) and args.sara_weight >= 0):
+        raise CommandError(f"--sara-weight must be a finite number >= 0, got {args.sara_weight}")
+    resolve_layers(args.sara_layers or DEFAULT_LAYERS, 4)  # the demo's model has 4 MoE layers
 
     result = run_demo(
         args.output_dir,

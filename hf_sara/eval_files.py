@@ -47,7 +47,7 @@ def read_rows(path: str) -> list[dict[str, Any]]:
     if not os.path.isfile(path):
         raise EvalFileError(f"evaluation file {path} not found")
     extension = path.rsplit(".", 1)[-1].lower()
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # -sig: drops the byte-order mark spreadsheets write
         if extension == "jsonl":
             rows = []
             for line_number, line in enumerate(handle, start=1):

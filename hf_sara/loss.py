@@ -122,6 +122,7 @@ def sara_alignment_loss(
     if has_anchor is None:
         weights = distributions.new_ones(batch_size, dtype=torch.float32)
     else:
+        has_anchor = torch.as_tensor(has_anchor)
         if has_anchor.shape != (batch_size,):
             raise ValueError(f"`has_anchor` must have shape [{batch_size}], got {tuple(has_anchor.shape)}.")
         weights = has_anchor.to(device=distributions.device, dtype=torch.float32)

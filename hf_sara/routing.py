@@ -140,6 +140,12 @@ def token_segments(
             )
         pooled &= attention_mask.to(device=pooled.device).bool()
     real = pooled.clone()  # tokens that are not padding
+    for name, tensor in (("token_mask", token_mask), ("position_ids", position_ids), ("sequence_ids", sequence_ids)):
+        if tensor is not None and tensor.shape[-1] != seq_len:
+            raise ValueError(
+                f"`{name}` has shape {tuple(tensor.shape)} but the batch is {(batch_size, seq_len)}: give one value "
+                "per token, laid out like `input_ids`."
+            )
     if token_mask is not None:
         pooled &= token_mask.to(device=pooled.device).bool()
 
