@@ -394,3 +394,146 @@ class TestKilledWrites:
 
         write_jsonl([{"text": "a", "anchor_text": "b"}], str(tmp_path / "pairs.jsonl"))
         assert os.listdir(tmp_path) == ["pairs.jsonl"]
+
+
+class TestAdversarialFindings:
+    """Cases an adversarial review of the library and CLI found, each with its clear error or right result."""
+
+    def test_another_anchor_prefix_is_refused(self, tmp_path):
+        rows = [{**row, "fr_prompt": row["prompt"], "fr_completion": row["completion"]} for row in load_pairs()]
+        dataset = Dataset.from_list(rows)
+        _trainer(tmp_path, dataset=dataset, anchor_prefix="anchor_").offline_anchors  # noqa: B018
+        with pytest.raises(ValueError, match="other anchor tokens"):
+            _trainer(tmp_path, dataset=dataset, anchor_prefix="fr_").train()
+
+    def test_sft_config_arguments_keep_their_token_fields(self, tmp_path):
+        from .testing_utils import sft_config
+
+        trainer = SARATrainer(
+            model=pairs_model(),
+            args=sft_config(tmp_path, max_steps=1),
+            train_dataset=load_pairs(),
+            processing_class=pairs_tokenizer(),
+        )
+        trainer.train()
+        assert trainer.args.eos_token is None and trainer.args.max_length == 64
+
+    def test_integer_languages_reach_the_model_card(self, tmp_path):
+        rows = [{**row, "language": index % 3} for index, row in enumerate(load_pairs())]
+        trainer = _trainer(tmp_path, dataset=Dataset.from_list(rows))
+        trainer.train()
+        trainer.save_model()
+        assert "| languages | 0, 1, 2 |" in (tmp_path / "README.md").read_text()
+
+    def test_reserved_columns_are_refused(self, tmp_path):
+        prepared = _trainer(tmp_path / "first").train_dataset
+        with pytest.raises(ValueError, match=r"\['sara_row'\], which hf_sara reserves"):
+            _trainer(tmp_path, dataset=load_pairs().add_column("sara_row", list(range(16))))
+        with pytest.raises(ValueError, match="reserves"):
+            _trainer(tmp_path, dataset=prepared)
+
+    def test_an_example_without_text_is_refused(self, tmp_path):
+        rows = load_pairs().to_list()
+        rows[4]["completion"] = None
+        with pytest.raises(ValueError, match=r"Row 4: the example's 'completion' is None, not a text"):
+            _trainer(tmp_path, dataset=Dataset.from_list(rows))
+
+    def test_an_empty_anchor_prompt_is_a_valid_anchor(self, tmp_path):
+        rows = load_pairs().to_list()
+        rows[2]["anchor_prompt"] = ""
+        _trainer(tmp_path, dataset=Dataset.from_list(rows))
+
+    def test_output_router_logits_of_a_model_given_by_name_is_kept(self, tmp_path):
+        model = pairs_model()
+        model.config.output_router_logits = True
+        model.save_pretrained(tmp_path / "model")
+        pairs_tokenizer().save_pretrained(tmp_path / "model")
+        trainer = _trainer(tmp_path / "run", model=str(tmp_path / "model"))
+        trainer.train()
+        assert trainer.model.config.output_router_logits is True
+
+    def test_analysis_reads_only_the_formats_anchor_columns(self):
+        from hf_sara.analysis import analyze_routing
+
+        dataset = load_pairs().add_column("anchor_id", [0] * 16)  # an unrelated column with a falsy value
+        report = analyze_routing(patch_model(pairs_model()), pairs_tokenizer(), dataset, batch_size=8)
+        assert sum(report.counts.values()) == 16
+
+    def test_eval_task_names_that_collide_are_refused(self):
+        from hf_sara.evaluation import parse_sources
+
+        with pytest.raises(ValueError, match="'zh-Hans' and 'zh_Hans' both become the harness task"):
+            parse_sources(files=["zh-Hans=a/m3ke_zh.jsonl", "zh_Hans=b/global_mmlu_sw.jsonl"])
+
+    @pytest.mark.parametrize(
+        "flags, message",
+        [
+            (["--dtype", "foo"], "invalid choice"),
+            (["--device", "bogus"], "is not a torch device"),
+            (["--limit", "0"], "must be a positive number"),
+            (["--batch-size", "abc"], "invalid _batch_size value"),
+        ],
+    )
+    def test_eval_arguments_are_checked_before_anything_is_written(self, tmp_path, capsys, flags, message):
+        output = tmp_path / "eval"
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "--model", "unused", "--output-dir", str(output), *flags])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        assert not output.exists()
+
+    def test_eval_cache_is_not_shared_across_max_lengths(self, tmp_path, capsys):
+        from hf_sara.eval_files import sample_eval_files
+
+        model = save_tiny_model(str(tmp_path / "model"))
+        arguments = ["eval", "--model", model, "--files", f"sw={sample_eval_files()['sw']}", "--batch-size", "4"]
+        output = str(tmp_path / "eval")
+        assert main([*arguments, "--output-dir", output, "--max-length", "6"]) == 0
+        assert main([*arguments, "--output-dir", output]) == 0
+        assert main([*arguments, "--output-dir", str(tmp_path / "fresh")]) == 0
+        reused, fresh = ((tmp_path / folder / "accuracy.csv").read_text() for folder in ("eval", "fresh"))
+        assert reused == fresh
+        assert len(os.listdir(tmp_path / "eval" / "lm_eval_cache")) == 2
+
+    def test_pairs_reads_every_column_refuses_self_anchors_mixed_formats_and_overwriting(self, tmp_path, capsys):
+        from hf_sara.pairs import pairs_from_multilingual
+
+        path = tmp_path / "items.jsonl"
+        path.write_text('{"en": "Hello", "sw": "Habari"}\n{"en": "Bye", "sw": "Kwaheri", "yo": "O dabo"}\n')
+        assert [row["language"] for row in pairs_from_multilingual(str(path))] == ["sw", "sw", "yo"]
+        with pytest.raises(ValueError, match="includes the anchor language 'en'"):
+            pairs_from_multilingual(str(path), languages=["en", "sw"])
+        path.write_text(
+            '{"en": "Hello", "sw": "Habari"}\n{"en": {"prompt": "a", "completion": "b"}, "sw": {"prompt": "c", "completion": "d"}}\n'
+        )  # noqa: E501
+        with pytest.raises(ValueError, match=r"mixes texts and prompt/completion objects \(pair 2"):
+            pairs_from_multilingual(str(path))
+        path.write_text('{"en": {"prompt": "a", "completion": null}, "sw": {"prompt": "c", "completion": "d"}}\n')
+        with pytest.raises(ValueError, match="row 1: the sw item has prompt/completion but the en anchor does not"):
+            pairs_from_multilingual(str(path))
+        (tmp_path / "sw.txt").write_bytes("\ufeffHabari\n".encode())
+        (tmp_path / "en.txt").write_bytes("\ufeffHello\n".encode())
+        arguments = ["pairs", "--aligned", str(tmp_path / "sw.txt"), str(tmp_path / "en.txt"), "--language", "sw"]
+        assert main([*arguments, "--output", str(tmp_path / "pairs.jsonl")]) == 0
+        assert json.loads((tmp_path / "pairs.jsonl").read_text())["text"] == "Habari"  # no byte-order mark
+        _assert_one_line_error(capsys, main([*arguments, "--output", str(tmp_path / "sw.txt")]), "is one of the input")
+        assert (tmp_path / "sw.txt").read_bytes() == "\ufeffHabari\n".encode()
+
+    def test_demo_arguments_are_checked_before_the_base_training(self, tmp_path, capsys):
+        for flags, message in [
+            (["--sara-weight", "-1"], "--sara-weight must be a finite number >= 0"),
+            (["--sara-layers", "9"], "Layer 9"),
+            (["--steps", "0"], "must be at least 1"),
+        ]:
+            code = main(["demo", "--output-dir", str(tmp_path / "demo"), *flags])
+            _assert_one_line_error(capsys, code, message)
+            assert not (tmp_path / "demo").exists()
+
+    def test_alignment_loss_and_capture_arguments(self):
+        distributions = torch.softmax(torch.randn(3, 4, 8), dim=-1)
+        loss, _ = sara_alignment_loss(distributions, distributions.clone(), [True, False, True], layers="all")
+        assert loss.item() == pytest.approx(0.0, abs=1e-7)
+        from hf_sara import routing_distributions
+
+        input_ids = torch.randint(3, 100, (2, 5))
+        with pytest.raises(ValueError, match=r"`token_mask` has shape \(2, 4\) but the batch is \(2, 5\)"):
+            routing_distributions(patch_model(pairs_model()), input_ids, token_mask=torch.ones(2, 4))
