@@ -233,7 +233,13 @@ class OfflineAnchors:
         return self.file.path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, expected: dict[str, str], ranges: dict[str, tuple[int, int]]):
+    def load(
+        cls,
+        path: str | os.PathLike,
+        expected: dict[str, str],
+        ranges: dict[str, tuple[int, int]],
+        fix: str | None = None,
+    ):
         """
         Opens the anchors in `path` after checking that they belong to this run.
 
@@ -244,6 +250,8 @@ class OfflineAnchors:
                 The metadata the anchors must have (model, router checksum, layers, experts, pooling, datasets).
             ranges (`dict[str, tuple[int, int]]`):
                 The datasets to look up: name -> (first global row id, number of rows).
+            fix (`str`, *optional*):
+                The advice of a mismatch's error, see [`check_anchor_metadata`].
 
         Raises:
             `ValueError`: when the file is not a complete anchors file or does not match, naming what differs and
@@ -251,7 +259,7 @@ class OfflineAnchors:
         """
         anchors = MappedAnchorFile(path)
         _check_format(anchors)
-        check_anchor_metadata(anchors.path, anchors.metadata, expected)
+        check_anchor_metadata(anchors.path, anchors.metadata, expected, fix)
         for name, (_, size) in ranges.items():
             for key in (f"{name}.distributions", f"{name}.has_anchor"):
                 if key not in anchors.layouts or anchors.shape(key)[0] != size:
@@ -481,9 +489,21 @@ def stored_dataset_names(path: str | os.PathLike) -> list[str]:
         raise ValueError(f"{path} has unreadable metadata: remove it to recompute the anchors.") from None
 
 
-def check_anchor_metadata(path: str | os.PathLike, metadata: dict[str, str], expected: dict[str, str]) -> None:
+RESUMING_FIX = (
+    "A resumed run must use the anchors of its first run: restore the settings (model, data, pooling, tokenizer, "
+    "max_length) that run started with, or start a new run from the base model in a new output_dir."
+)
+
+
+def check_anchor_metadata(
+    path: str | os.PathLike, metadata: dict[str, str], expected: dict[str, str], fix: str | None = None
+) -> None:
     """
     Refuses anchors computed for another model, layer/expert layout, pooling or dataset.
+
+    Args:
+        fix (`str`, *optional*):
+            The advice to give instead of recomputing the anchors (a resumed run cannot recompute them).
 
     Raises:
         `ValueError`: naming the first field that differs, both values, and the fix.
@@ -504,13 +524,17 @@ def check_anchor_metadata(path: str | os.PathLike, metadata: dict[str, str], exp
                         else "other anchor tokens (other data, tokenizer, chat template, max_length or truncation)"
                     )
                     raise ValueError(
-                        f"The anchors in {path} were computed for another {name} dataset: {what}. Remove the file to "
-                        "recompute them for this dataset, or restore the settings they were computed with."
+                        f"The anchors in {path} were computed for another {name} dataset: {what}. "
+                        + (
+                            fix
+                            or "Remove the file to recompute them, or restore the settings they were computed with."
+                        )
                     )
             continue
         if metadata.get(key) != value:
             raise ValueError(
                 f"The anchors in {path} do not match this run: {key} is {metadata.get(key)!r} there but {value!r} "
                 "here. Anchors are only valid for the model (before training), layers, experts and pooling they were "
-                "computed with: remove the file to recompute them, or point `sara_anchor_path` at matching anchors."
+                "computed with: "
+                + (fix or "remove the file to recompute them, or point `sara_anchor_path` at matching anchors.")
             )

@@ -22,6 +22,7 @@ from trl.data_utils import pack_dataset
 from .anchors import (
     ANCHORS_FILE_NAME,
     ANCHORS_FORMAT,
+    RESUMING_FIX,
     AnchorTable,
     OfflineAnchors,
     anchor_tokens_digest,
@@ -386,7 +387,8 @@ class SARATrainer(SFTTrainer):
             stored = stored_dataset_names(path)
             lacking = [name for name in missing if name not in stored]
             if not lacking:
-                anchors = OfflineAnchors.load(path, self._anchor_metadata(missing), ranges)
+                fix = RESUMING_FIX if trained else None
+                anchors = OfflineAnchors.load(path, self._anchor_metadata(missing), ranges, fix)
                 if not trained:  # a trained model's routing differs from its anchors by design
                     anchors.verify(model, {name: tables[name] for name in missing}, **options)
                 logger.info(f"SARA: loaded offline anchors for {missing} from {path}.")

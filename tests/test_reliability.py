@@ -537,3 +537,9 @@ class TestAdversarialFindings:
         input_ids = torch.randint(3, 100, (2, 5))
         with pytest.raises(ValueError, match=r"`token_mask` has shape \(2, 4\) but the batch is \(2, 5\)"):
             routing_distributions(patch_model(pairs_model()), input_ids, token_mask=torch.ones(2, 4))
+
+
+def test_resuming_with_another_pooling_says_to_restore_it(tmp_path):
+    _trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=1).train()
+    with pytest.raises(ValueError, match="pooling is 'all' there but 'completion' here.*restore the settings"):
+        _trainer(tmp_path, max_steps=2, sara_pooling="completion").train(resume_from_checkpoint=True)
