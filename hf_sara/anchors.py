@@ -155,6 +155,8 @@ def compute_anchor_distributions(
         `torch.Tensor` of shape `[len(dataset), n_moe_layers, n_experts]`, fp32, on the CPU.
     """
     _check_computable(model, dataset)
+    if len(dataset) == 0:
+        raise ValueError("The dataset to compute anchors for is empty: pass at least one tokenized row.")
     data_collator = data_collator or _default_collator(model)
     device = next(model.parameters()).device
     was_training = model.training
@@ -166,9 +168,6 @@ def compute_anchor_distributions(
             results.append(_pool_rows(model, rows, data_collator, pooling, device).cpu())
     finally:
         model.train(was_training)
-    if not results:
-        state = get_routing_state(model)
-        return torch.zeros(0, len(state.captured_layers), 0)
     return torch.cat(results)
 
 

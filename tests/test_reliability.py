@@ -502,9 +502,11 @@ class TestAdversarialFindings:
         assert [row["language"] for row in pairs_from_multilingual(str(path))] == ["sw", "sw", "yo"]
         with pytest.raises(ValueError, match="includes the anchor language 'en'"):
             pairs_from_multilingual(str(path), languages=["en", "sw"])
-        path.write_text(
-            '{"en": "Hello", "sw": "Habari"}\n{"en": {"prompt": "a", "completion": "b"}, "sw": {"prompt": "c", "completion": "d"}}\n'
-        )  # noqa: E501
+        mixed = [
+            {"en": "Hello", "sw": "Habari"},
+            {"en": {"prompt": "a", "completion": "b"}, "sw": {"prompt": "c", "completion": "d"}},
+        ]
+        path.write_text("".join(json.dumps(row) + "\n" for row in mixed))
         with pytest.raises(ValueError, match=r"mixes texts and prompt/completion objects \(pair 2"):
             pairs_from_multilingual(str(path))
         path.write_text('{"en": {"prompt": "a", "completion": null}, "sw": {"prompt": "c", "completion": "d"}}\n')
@@ -543,3 +545,33 @@ def test_resuming_with_another_pooling_says_to_restore_it(tmp_path):
     _trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=1).train()
     with pytest.raises(ValueError, match="pooling is 'all' there but 'completion' here.*restore the settings"):
         _trainer(tmp_path, max_steps=2, sara_pooling="completion").train(resume_from_checkpoint=True)
+
+
+def test_compute_anchor_distributions_refuses_empty_and_untokenized_datasets():
+    from hf_sara import compute_anchor_distributions
+
+    model = patch_model(pairs_model())
+    with pytest.raises(ValueError, match="is empty"):
+        compute_anchor_distributions(model, Dataset.from_dict({"input_ids": [[1, 2]]}).select([]))
+    with pytest.raises(ValueError, match="no `input_ids` column"):
+        compute_anchor_distributions(model, load_pairs())
+
+
+def test_eval_files_saved_with_a_byte_order_mark(tmp_path):
+    from hf_sara.eval_files import load_eval_file
+
+    path = tmp_path / "exam.csv"
+    path.write_bytes("\ufeffquestion,option_a,option_b,option_c,option_d,answer\nQ?,a,b,c,d,B\n".encode())
+    assert load_eval_file(str(path))[1][0]["question"] == "Q?"
+
+
+def test_hf_sara_anchors_writes_a_new_sara_anchor_path_and_typos_are_named(tmp_path, capsys):
+    from .test_cli import TRAIN_FLAGS
+
+    model = save_tiny_model(str(tmp_path / "model"))
+    pairs = os.path.join(os.path.dirname(__file__), "data", "pairs.jsonl")
+    target = tmp_path / "shared" / "anchors.safetensors"
+    arguments = ["anchors", "--model_name_or_path", model, "--output_dir", str(tmp_path / "out"), *TRAIN_FLAGS]
+    assert main([*arguments, "--dataset_name", pairs, "--sara_anchor_path", str(target)]) == 0
+    assert target.exists() and f"to {target}" in capsys.readouterr().out
+    _assert_one_line_error(capsys, main([*arguments, "--dataset_name", "pairz.jsonl"]), "pairz.jsonl not found")
