@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .distributed import has_sharded_parameters
 from .patching import RouterSite, get_routing_state
 from .routing import TokenSegments, pool_routing, pool_routing_from_router_input, token_segments
 
@@ -184,7 +185,9 @@ def capture_routing(
             For linear routers whose weight is trained: keep nothing per token for the pooling's backward and
             recompute the router logits from the router's input there (which the router itself keeps), so the memory
             the capture adds does not grow with the tokens. Defaults to `True` unless activation checkpointing is
-            on (a checkpoint frees the router's input, which the recomputation would then keep alive).
+            on (a checkpoint frees the router's input, which the recomputation would then keep alive) or an engine
+            shards the weights (DeepSpeed ZeRO-3, FSDP: the router weight is gathered only for the router's own
+            backward).
 
     Yields:
         [`RoutingCapture`]: whose `distributions()` is ready once the forward has run.
@@ -201,7 +204,9 @@ def capture_routing(
     segments = token_segments(input_shape, attention_mask, position_ids, token_mask, device, sequence_ids)
     checkpointing = activation_checkpointing(model)
     if recompute_router_logits is None:
-        recompute_router_logits = not checkpointing
+        # Sharded weights (ZeRO-3, FSDP) are gathered only for their module's own backward, which may run after the
+        # pooling's backward that the recomputation would need them in.
+        recompute_router_logits = not checkpointing and not has_sharded_parameters(model)
     capture = RoutingCapture(
         segments, len(state.captured_layers), state.captured_sites, keep_scores, recompute_router_logits, checkpointing
     )

@@ -35,6 +35,7 @@ from .collator import ANCHOR_KEY_PREFIX, SEQUENCE_IDS_KEY, AnchorStore, SARAData
 from .compat import sft_trainer_compatibility
 from .config import SARAConfig
 from .data import LANGUAGE_COLUMN, ROW_COLUMN, TOKEN_ROWS_COLUMN, anchored_rows, detect_paired_format, split_pairs
+from .distributed import forget_zero3_trace
 from .families import num_experts
 from .files import checkpoint_weight_names, complete_checkpoint, directory_lock
 from .layers import resolve_layers
@@ -346,18 +347,19 @@ class SARATrainer(SFTTrainer):
         `evaluate()`, an engine's model is prepared for inference here, as `evaluate()` does.
         """
         engine = self.is_deepspeed_enabled or self.is_fsdp_enabled
-        if not engine or len(self.accelerator._models) > 0:
-            return self.model
-        if self.is_deepspeed_enabled and self.deepspeed is None:
-            deepspeed_init(self, num_training_steps=0, inference=True)
-        model = self.accelerator.prepare(self.model)
-        if self.is_fsdp_enabled:
-            self.model = model
-        if model is not self.model:
-            self.model_wrapped = model
-        if self.is_deepspeed_enabled:
-            self.deepspeed = self.model_wrapped
-        return self.model
+        if engine and len(self.accelerator._models) == 0:
+            if self.is_deepspeed_enabled and self.deepspeed is None:
+                deepspeed_init(self, num_training_steps=0, inference=True)
+            model = self.accelerator.prepare(self.model)
+            if self.is_fsdp_enabled:
+                self.model = model
+            if model is not self.model:
+                self.model_wrapped = model
+            if self.is_deepspeed_enabled:
+                self.deepspeed = self.model_wrapped
+        # Through DeepSpeed's engine, not its module: the engine's forward keeps ZeRO-3's parameter bookkeeping in step
+        # (a forward of the bare module before training left a released weight in the first backward).
+        return self.model_wrapped if self.is_deepspeed_enabled else self.model
 
     def _ensure_offline_anchors(self, resuming: bool = False, create_anchor_path: bool = False) -> None:
         """
@@ -391,6 +393,7 @@ class SARATrainer(SFTTrainer):
                 anchors = OfflineAnchors.load(path, self._anchor_metadata(missing), ranges, fix)
                 if not trained:  # a trained model's routing differs from its anchors by design
                     anchors.verify(model, {name: tables[name] for name in missing}, **options)
+                    forget_zero3_trace(model)
                 logger.info(f"SARA: loaded offline anchors for {missing} from {path}.")
                 self._sara_offline = anchors
                 return
@@ -427,6 +430,7 @@ class SARATrainer(SFTTrainer):
             write=self.args.should_save,
             wait_for_everyone=self.accelerator.wait_for_everyone,
         )
+        forget_zero3_trace(model)
         logger.info(
             f"SARA: this rank computed {self.anchor_rows_computed} anchor rows of "
             f"{sum(len(table.rows) for table in tables.values())}."

@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--anchors-only", action="store_true", help="compute the offline anchors, do not train")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--max-steps", type=int, default=2)
+    parser.add_argument("--eval-batch-size", type=int, default=4, help="rows per anchor forward")
     options = parser.parse_args()
     if os.environ.get("ACCELERATE_USE_FSDP", "false") == "true":
         open_the_fsdp_gate_on_cpu()
@@ -63,6 +64,7 @@ def main() -> None:
         sara_anchor_mode="offline" if offline else "online",
         sara_anchor_path=None if options.anchors in ("trainer", "online") else options.anchors,
         gradient_checkpointing=options.gradient_checkpointing,
+        per_device_eval_batch_size=options.eval_batch_size,
     )
     model = AutoModelForCausalLM.from_pretrained(options.model_dir)  # after the arguments, as `hf-sara train` does
     trainer = SARATrainer(
