@@ -24,11 +24,14 @@ from .testing_utils import PAIRS_FILE, distributed_config, load_pairs, pairs_mod
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "distributed_train.py")
+ZERO3_CONFIG = os.path.join(ROOT, "tests", "data", "deepspeed_zero3.json")
 ENGINES = {
     # `--multi_gpu` selects accelerate's torchrun launcher; with `use_cpu=True` each process trains on the CPU (gloo).
     "ddp": ["--multi_gpu"],
     "zero2": ["--use_deepspeed", "--zero_stage", "2"],
-    "zero3": ["--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "true"],
+    # Every parameter partitioned (persistence threshold 0): a tiny model's would otherwise all stay whole, as no
+    # large model's do.
+    "zero3": ["--use_deepspeed", "--deepspeed_config_file", ZERO3_CONFIG, "--zero3_init_flag", "true"],
     "fsdp2": [
         "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
         "--fsdp_reshard_after_forward", "true", "--fsdp_state_dict_type", "SHARDED_STATE_DICT",
