@@ -190,6 +190,7 @@ def train_command(argv: list[str]) -> int:
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Pushed to the Hub: {trainer.hub_model_id}")
+    trainer.accelerator.end_training()  # under `accelerate launch`: a clean exit of every rank
     return 0
 
 
@@ -206,6 +207,7 @@ def anchors_command(argv: list[str]) -> int:
         f"Saved anchors of {rows} rows x {layers} MoE layers to {anchors.path} (rows computed per rank: "
         f"{', '.join(str(count) for count in computed.tolist())})"
     )
+    trainer.accelerator.end_training()
     return 0
 
 

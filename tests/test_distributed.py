@@ -8,6 +8,7 @@ ZeRO-3 partitions it at load), compared with one process over the same micro-bat
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -150,7 +151,7 @@ def test_offline_anchors_computed_by_the_trainer(engine, eval_batch_size, model_
     assert_matches_one_process(ranks, one_process["offline"], one_process["sft"])
 
 
-@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2", "zero2"])
 def test_precomputed_offline_anchors_are_accepted(engine, model_dir, one_process, tmp_path):
     # The checksum of the sharded run's routers (gathered) equals that of one process's: the anchors are accepted.
     ranks = train_on_two_ranks(engine, tmp_path, model_dir, str(one_process["offline"]["anchors"]))
@@ -158,11 +159,31 @@ def test_precomputed_offline_anchors_are_accepted(engine, model_dir, one_process
     assert_matches_one_process(ranks, one_process["offline"], one_process["sft"])
 
 
-@pytest.mark.parametrize("engine", ["zero3", "fsdp2", "ddp"])
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2", "zero2", "ddp"])
 def test_online_anchors(engine, model_dir, one_process, tmp_path):
     extra = ["--gradient-checkpointing"] if engine == "fsdp2" else []
     ranks = train_on_two_ranks(engine, tmp_path, model_dir, "online", *extra)
     assert_matches_one_process(ranks, one_process["online"], one_process["sft"])
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_resume_on_two_ranks_reproduces_the_uninterrupted_run(engine, model_dir, tmp_path):
+    uninterrupted = train_on_two_ranks(engine, tmp_path / "full", model_dir, "trainer", "--max-steps", "3")
+    partial = tmp_path / "partial"
+    train_on_two_ranks(engine, partial, model_dir, "trainer", "--max-steps", "3", "--save-steps", "1")
+    shutil.rmtree(partial / "checkpoint-3")
+    shutil.rmtree(partial / "checkpoint-2")
+    for rank in (0, 1):
+        (partial / f"rank{rank}.json").unlink()
+    resumed = train_on_two_ranks(engine, partial, model_dir, "trainer", "--max-steps", "3", "--resume")
+    assert [entry["step"] for entry in resumed[0]["logged"]] == [1, 2, 3]  # step 1 from checkpoint-1's history
+    assert [entry["sara/js"] for entry in resumed[0]["logged"]] == pytest.approx(
+        [entry["sara/js"] for entry in uninterrupted[0]["logged"]], rel=1e-4
+    )
+    for name, weights in uninterrupted[0]["router_weights"].items():
+        torch.testing.assert_close(
+            torch.tensor(resumed[0]["router_weights"][name]), torch.tensor(weights), rtol=0, atol=1e-6, msg=name
+        )
 
 
 def test_anchors_of_other_router_weights_are_refused_under_zero3(model_dir, tmp_path):

@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--max-steps", type=int, default=2)
     parser.add_argument("--eval-batch-size", type=int, default=4, help="rows per anchor forward")
+    parser.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every N steps (0: never)")
+    parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUTPUT_DIR")
     options = parser.parse_args()
     if os.environ.get("ACCELERATE_USE_FSDP", "false") == "true":
         open_the_fsdp_gate_on_cpu()
@@ -65,6 +67,8 @@ def main() -> None:
         sara_anchor_path=None if options.anchors in ("trainer", "online") else options.anchors,
         gradient_checkpointing=options.gradient_checkpointing,
         per_device_eval_batch_size=options.eval_batch_size,
+        save_strategy="steps" if options.save_steps else "no",
+        save_steps=options.save_steps or 500,
     )
     model = AutoModelForCausalLM.from_pretrained(options.model_dir)  # after the arguments, as `hf-sara train` does
     trainer = SARATrainer(
@@ -73,7 +77,7 @@ def main() -> None:
     if options.anchors_only:
         trainer.offline_anchors  # noqa: B018 - computes and writes them
     else:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=True if options.resume else None)
     logged = [
         {key: value for key, value in entry.items() if key.startswith("sara/") or key in ("loss", "step")}
         for entry in trainer.state.log_history
@@ -93,6 +97,8 @@ def main() -> None:
     }
     with open(os.path.join(options.output_dir, f"rank{trainer.accelerator.process_index}.json"), "w") as handle:
         json.dump(result, handle)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # destroys the process group: no communication thread left at exit
 
 
 if __name__ == "__main__":
