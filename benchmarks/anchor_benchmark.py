@@ -87,6 +87,14 @@ def compute_child(rows: int, seq_len: int, batch_size: int, output: str) -> None
         )
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_compute(ranks: int, rows: int, seq_len: int, batch_size: int, output: str) -> dict:
     child = [__file__, "--child", "--rows", str(rows), "--seq-len", str(seq_len), "--batch-size", str(batch_size)]
     child += ["--output", output]
@@ -95,7 +103,8 @@ def run_compute(ranks: int, rows: int, seq_len: int, batch_size: int, output: st
     else:
         command = [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *child,
+            "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", *child,
         ]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)

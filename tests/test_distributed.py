@@ -9,6 +9,7 @@ ZeRO-3 partitions it at load), compared with one process over the same micro-bat
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -47,15 +48,24 @@ DISTRIBUTED_TYPES = {
 }
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch(engine: str, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    # A port of its own: two launches on accelerate's default port (another test run, a training job) would share
+    # the rendezvous and DeepSpeed's CPU shared-memory segments, which are named after it.
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *ENGINES[engine], "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *arguments,
+        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+        "--dynamo_backend", "no", *arguments,
     ]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
     completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=900, cwd=ROOT)
     if check:
-        assert completed.returncode == 0, completed.stderr[-4000:]
+        assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
     return completed
 
 
