@@ -71,6 +71,8 @@ def read_header(path: str) -> tuple[dict[str, TensorLayout], dict[str, str], int
             layout = TensorLayout(entry["dtype"], tuple(entry["shape"]), *entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise _file_error(path, f"its header entry {name!r} is malformed") from None
+        if layout.begin < 0 or layout.end < layout.begin or any(int(size) < 0 for size in layout.shape):
+            raise _file_error(path, f"its header entry {name!r} has negative offsets or sizes")
         if layout.dtype not in _DTYPES:
             raise _file_error(path, f"tensor {name!r} has dtype {layout.dtype}, not one of {sorted(_DTYPES)}")
         expected = int(np.prod(layout.shape, dtype=np.int64)) * np.dtype(_DTYPES[layout.dtype]).itemsize
@@ -78,6 +80,10 @@ def read_header(path: str) -> tuple[dict[str, TensorLayout], dict[str, str], int
             raise _file_error(path, f"tensor {name!r} does not fit its shape {list(layout.shape)} or the file")
         layouts[name] = layout
     return layouts, metadata, data_start
+
+
+def _identity(status: os.stat_result) -> tuple[int, int, int, int]:
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
 class MappedAnchorFile:
@@ -95,6 +101,7 @@ class MappedAnchorFile:
         self.layouts, self.metadata, data_start = read_header(self.path)
         with open(self.path, "rb") as handle:
             self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            self._identity = _identity(os.fstat(handle.fileno()))
         if hasattr(self._map, "madvise"):
             # Lookups read scattered rows: without this, every page fault also reads the pages around it.
             self._map.madvise(mmap.MADV_RANDOM)
@@ -109,7 +116,22 @@ class MappedAnchorFile:
         return self.layouts[name].shape
 
     def rows(self, name: str, indices: torch.Tensor | np.ndarray | slice) -> torch.Tensor:
-        """Copies rows `indices` of tensor `name` out of the file."""
+        """
+        Copies rows `indices` of tensor `name` out of the file.
+
+        Raises:
+            `ValueError`: when the file was replaced, rewritten or cut since it was opened (a memory map would then
+            read another file's rows, zeros, or crash the process).
+        """
+        try:
+            unchanged = _identity(os.stat(self.path)) == self._identity
+        except OSError:
+            unchanged = False
+        if not unchanged:
+            raise ValueError(
+                f"{self.path} was replaced or rewritten since it was opened: its rows would no longer be the ones "
+                "checked. Leave the anchors file alone while a trainer uses it, and restart the run."
+            )
         if isinstance(indices, torch.Tensor):
             indices = indices.cpu().numpy()
         return torch.from_numpy(np.array(self._arrays[name][indices]))

@@ -72,15 +72,18 @@ def router_checksum(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def anchor_tokens_digest(rows: Dataset, pooling: str) -> str:
+def anchor_tokens_digest(rows: Dataset, pooling: str, offset: int = 0) -> str:
     """
-    SHA-256 of what decides a dataset's anchors besides the model: the prepared anchors' token ids, their global row
-    ids and, when the pooling depends on them, their labels. It changes with the data, the tokenizer, the chat
+    SHA-256 of what decides a dataset's anchors besides the model: the prepared anchors' token ids, which of the
+    dataset's rows they belong to (global row ids minus `offset`: the datasets before it do not matter) and, when the
+    pooling depends on them, their labels. It changes with the data, the tokenizer, the chat
     template, `max_length` and truncation; it reads the Arrow buffers, so a million rows take seconds.
     """
     import numpy as np
     import pyarrow.compute as pc
 
+    if getattr(rows, "_indices", None) is not None:  # a selection of another table: hash the rows it selects
+        rows = rows.flatten_indices()
     digest = hashlib.sha256()
     columns = ["input_ids", ROW_COLUMN] + (["labels"] if pooling != "all" and "labels" in rows.column_names else [])
     table = rows.data.table if hasattr(rows.data, "table") else rows.data
@@ -90,7 +93,8 @@ def anchor_tokens_digest(rows: Dataset, pooling: str) -> str:
             if hasattr(chunk, "flatten"):  # a list column: its lengths, then its values
                 digest.update(pc.list_value_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
                 chunk = chunk.flatten()
-            digest.update(chunk.to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+            values = chunk.to_numpy(zero_copy_only=False).astype(np.int64)
+            digest.update((values - offset if name == ROW_COLUMN else values).tobytes())
     return digest.hexdigest()
 
 
@@ -238,6 +242,7 @@ class OfflineAnchors:
         expected: dict[str, str],
         ranges: dict[str, tuple[int, int]],
         fix: str | None = None,
+        expected_rows: dict[str, torch.Tensor] | None = None,
     ):
         """
         Opens the anchors in `path` after checking that they belong to this run.
@@ -251,6 +256,8 @@ class OfflineAnchors:
                 The datasets to look up: name -> (first global row id, number of rows).
             fix (`str`, *optional*):
                 The advice of a mismatch's error, see [`check_anchor_metadata`].
+            expected_rows (`dict[str, torch.Tensor]`, *optional*):
+                Per dataset, the local indices of the rows that have an anchor: the file's flags must agree.
 
         Raises:
             `ValueError`: when the file is not a complete anchors file or does not match, naming what differs and
@@ -266,7 +273,31 @@ class OfflineAnchors:
                         f"{anchors.path} lacks the tensor {key!r} of {size} rows that its metadata promises: the file "
                         "is damaged. Remove it to recompute the anchors."
                     )
+            cls._check_shape_and_flags(anchors, name, expected, (expected_rows or {}).get(name))
         return cls(anchors, ranges)
+
+    @staticmethod
+    def _check_shape_and_flags(anchors: MappedAnchorFile, name: str, expected: dict[str, str], rows) -> None:
+        shape = anchors.shape(f"{name}.distributions")
+        flags = anchors.rows(f"{name}.has_anchor", slice(None))
+        layers, experts = expected.get("num_moe_layers", ""), expected.get("num_experts", "")
+        wrong_shape = len(shape) != 3 or (flags.any() and shape[2] == 0)
+        wrong_shape |= layers.isdigit() and shape[1] != int(layers)
+        wrong_shape |= experts.isdigit() and shape[2] not in (0, int(experts))
+        if wrong_shape:
+            raise ValueError(
+                f"{anchors.path} holds {name} anchors of shape {list(shape)}, not [rows, {layers} MoE layers, "
+                f"{experts or 'n'} experts] as this run needs: the file is damaged. Remove it to recompute them."
+            )
+        if rows is not None:
+            wanted = torch.zeros(len(flags), dtype=torch.bool)
+            wanted[rows] = True
+            if not torch.equal(flags, wanted):
+                differ = (flags != wanted).nonzero().flatten().tolist()
+                raise ValueError(
+                    f"{anchors.path} marks other rows of the {name} dataset as anchored than the dataset has (rows "
+                    f"{differ[:10]}): the file is damaged. Remove it to recompute the anchors."
+                )
 
     @classmethod
     @torch.no_grad()
@@ -322,6 +353,8 @@ class OfflineAnchors:
             `tuple[OfflineAnchors, int]`: the anchors, read from the written file, and how many rows this rank
             computed.
         """
+        if batch_size < 1:
+            raise ValueError(f"Anchors are computed in batches of `batch_size` >= 1 rows, not {batch_size}.")
         if num_processes > 1 and gather is None:
             raise ValueError("Computing anchors on several ranks needs a `gather` function (`Accelerator.gather`).")
         for table in tables.values():
@@ -488,6 +521,9 @@ def stored_dataset_names(path: str | os.PathLike) -> list[str]:
         raise ValueError(f"{path} has unreadable metadata: remove it to recompute the anchors.") from None
 
 
+# Recorded for the reader, not checked: the same model may be named by another path or by its Hub id.
+INFORMATIONAL_METADATA = ("model", "revision")
+
 RESUMING_FIX = (
     "A resumed run must use the anchors of its first run: restore the settings (model, data, pooling, tokenizer, "
     "max_length) that run started with, or start a new run from the base model in a new output_dir."
@@ -508,9 +544,18 @@ def check_anchor_metadata(
         `ValueError`: naming the first field that differs, both values, and the fix.
     """
     for key, value in expected.items():
+        if key in INFORMATIONAL_METADATA:
+            continue
         if key == "datasets":
-            stored = json.loads(metadata.get("datasets", "{}"))
-            for name, info in json.loads(value).items():
+            try:
+                stored = json.loads(metadata.get("datasets", "{}"))
+                valid = isinstance(stored, dict) and all(isinstance(info, dict) for info in stored.values())
+            except json.JSONDecodeError:
+                valid = False
+            if not valid:
+                raise ValueError(f"{path} has unreadable metadata: the file is damaged. Remove it to recompute them.")
+            # The train dataset first: when it differs, the eval datasets' differences follow from it.
+            for name, info in sorted(json.loads(value).items(), key=lambda item: (item[0] != "train", item[0])):
                 if name not in stored:
                     raise ValueError(
                         f"The anchors in {path} hold no dataset {name!r} (they hold {sorted(stored)}). Remove the "
@@ -530,6 +575,17 @@ def check_anchor_metadata(
                         )
                     )
             continue
+        if key == "router_checksum" and metadata.get(key) != value:
+            raise ValueError(
+                f"The anchors in {path} were computed with other router weights: another model, or this one before "
+                "training (offline anchors come from the untrained model, and a trained model does not tell which "
+                "model it started from). "
+                + (
+                    fix
+                    or "If this model is the untrained one, remove the file to recompute them with it; to measure a "
+                    "trained model, use `hf-sara analyze` (base vs adapter) or `sara_anchor_mode='online'`."
+                )
+            )
         if metadata.get(key) != value:
             raise ValueError(
                 f"The anchors in {path} do not match this run: {key} is {metadata.get(key)!r} there but {value!r} "

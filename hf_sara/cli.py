@@ -10,6 +10,8 @@ import sys
 import tempfile
 from collections.abc import Callable
 
+from .files import OutputDirectoryLockedError
+
 USAGE = """hf-sara <command> [options]
 
 commands:
@@ -508,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[command](rest)
-    except (CommandError, ValueError, OSError, ImportError, KeyError) as error:
+    except (CommandError, ValueError, OSError, ImportError, KeyError, OutputDirectoryLockedError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"hf-sara {command}: error: {message}", file=sys.stderr)
         return 2

@@ -126,6 +126,11 @@ class SARAConfig(SFTConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        if self.per_device_eval_batch_size < 1:
+            raise ValueError(
+                f"`per_device_eval_batch_size` must be >= 1, got {self.per_device_eval_batch_size} (it is also the "
+                "batch size of the offline anchors' computation)."
+            )
         if self.sara_weight < 0:
             raise ValueError(f"`sara_weight` must be >= 0, got {self.sara_weight}.")
         if self.sara_anchor_mode not in ANCHOR_MODES:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import socket
+import time
 from collections.abc import Iterator
 
 from transformers.utils import logging
@@ -52,6 +53,8 @@ def new_temporary(path: str) -> str:
             os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         except FileExistsError:
             continue
+        except PermissionError:
+            raise PermissionError(f"Cannot write {path}: {os.path.dirname(path)} is not writable.") from None
         return temporary
     raise FileExistsError(f"Could not create a temporary file next to {path}.")
 
@@ -82,6 +85,11 @@ def atomic_write(path: str | os.PathLike) -> Iterator[str]:
 
 
 LOCK_FILE_NAME = ".hf_sara.lock"
+_HELD_LOCKS: set[str] = set()  # the lock files this process holds
+
+
+class OutputDirectoryLockedError(RuntimeError):
+    """Another training holds the output directory (or its lock file is unreadable)."""
 
 
 @contextlib.contextmanager
@@ -92,7 +100,7 @@ def directory_lock(directory: str | os.PathLike) -> Iterator[None]:
     one from another machine is reported, since only its owner can tell whether that run is over.
 
     Raises:
-        `RuntimeError`: naming the running process and the fix, when another one holds the directory.
+        `OutputDirectoryLockedError`: naming the running process and the fix, when another one holds the directory.
     """
     directory = os.path.abspath(os.fspath(directory))
     os.makedirs(directory, exist_ok=True)
@@ -108,24 +116,40 @@ def directory_lock(directory: str | os.PathLike) -> Iterator[None]:
                     holder_host, _, holder_pid = handle.read().strip().partition(" ")
             except FileNotFoundError:
                 continue  # released meanwhile
-            if holder_host == host and holder_pid.isdigit() and not _pid_alive(int(holder_pid)):
+            except (OSError, UnicodeDecodeError) as error:
+                raise OutputDirectoryLockedError(
+                    f"{path} is not a lock hf_sara wrote ({error}): remove it if no training uses {directory}."
+                ) from None
+            # Its owner was killed: a process of this machine that no longer runs, or this very process id (a
+            # container restarted after a kill runs its entrypoint under the same id), or a lock left empty (killed
+            # between creating and writing it) for more than a few seconds.
+            stale = (
+                holder_host == host
+                and holder_pid.isdigit()
+                and ((int(holder_pid) == os.getpid() and path not in _HELD_LOCKS) or not _pid_alive(int(holder_pid)))
+            )
+            with contextlib.suppress(OSError):
+                stale |= not holder_host and time.time() - os.path.getmtime(path) > 10
+            if stale:
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)  # its owner was killed
+                    os.remove(path)
                 continue
-            raise RuntimeError(
+            raise OutputDirectoryLockedError(
                 f"Another training is writing to {directory} (process {holder_pid or '?'} on {holder_host or '?'}, "
                 f"see {path}). Two runs in one output_dir would mix their checkpoints and anchors: choose another "
                 "`output_dir`, or wait for that run to end. If it is not running any more (it was on another "
                 "machine), delete the lock file."
             ) from None
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(owner)
         break
     else:
-        raise RuntimeError(f"Could not lock {directory} ({path} keeps changing).")
+        raise OutputDirectoryLockedError(f"Could not lock {directory}: {path} keeps changing; remove it.")
+    _HELD_LOCKS.add(path)
     try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(owner)
         yield
     finally:
+        _HELD_LOCKS.discard(path)
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
 
@@ -140,7 +164,17 @@ def _checkpoint_is_complete(path: str) -> bool:
     return True
 
 
-def complete_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | None:
+def _check_within_max_steps(path: str, max_steps: int) -> None:
+    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as handle:
+        step = json.load(handle).get("global_step", 0)
+    if max_steps > 0 and step > max_steps:
+        raise ValueError(
+            f"{path} is at step {step}, beyond this run's max_steps={max_steps}: it belongs to another (longer) run "
+            "in this output_dir. Resume from a checkpoint of this run by path, or train in a new output_dir."
+        )
+
+
+def complete_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str, max_steps: int = -1) -> str | None:
     """
     Resolves `Trainer.train`'s `resume_from_checkpoint` to a checkpoint that was saved to the end. transformers writes
     checkpoints in place, so a run killed while saving leaves a `checkpoint-N` without (or with half) its
@@ -152,6 +186,8 @@ def complete_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: s
     """
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
         return None
+    if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() == "true":
+        resume_from_checkpoint = True  # as the command line spells it
     if resume_from_checkpoint is True:
         pattern = re.compile(r"^checkpoint-(\d+)$")
         found = sorted(
@@ -163,6 +199,7 @@ def complete_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: s
         for _, name in reversed(found):
             path = os.path.join(output_dir, name)
             if _checkpoint_is_complete(path):
+                _check_within_max_steps(path, max_steps)
                 if incomplete:
                     logger.warning(
                         f"hf_sara: skipping incomplete checkpoint(s) {incomplete} (a run was stopped while saving "
@@ -176,6 +213,8 @@ def complete_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: s
             + ": train from the start (`resume_from_checkpoint=None`)."
         )
     path = os.fspath(resume_from_checkpoint)
+    if os.path.isdir(path) and _checkpoint_is_complete(path):
+        _check_within_max_steps(path, max_steps)
     if os.path.isdir(path) and not _checkpoint_is_complete(path):
         raise ValueError(
             f"The checkpoint {path} is incomplete: its trainer_state.json is missing or cut short (the run was "

@@ -332,8 +332,9 @@ class SARATrainer(SFTTrainer):
 
     def _anchor_tokens(self, name: str) -> str:
         if name not in self._sara_token_digests:
+            store = self._sara_store
             self._sara_token_digests[name] = anchor_tokens_digest(
-                self._sara_store.tables[name], self.args.sara_pooling
+                store.tables[name], self.args.sara_pooling, store.offsets[name]
             )
         return self._sara_token_digests[name]
 
@@ -390,7 +391,8 @@ class SARATrainer(SFTTrainer):
             lacking = [name for name in missing if name not in stored]
             if not lacking:
                 fix = RESUMING_FIX if trained else None
-                anchors = OfflineAnchors.load(path, self._anchor_metadata(missing), ranges, fix)
+                anchored = {name: torch.tensor(store.tables[name][ROW_COLUMN]) - ranges[name][0] for name in missing}
+                anchors = OfflineAnchors.load(path, self._anchor_metadata(missing), ranges, fix, anchored)
                 if not trained:  # a trained model's routing differs from its anchors by design
                     anchors.verify(model, {name: tables[name] for name in missing}, **options)
                     forget_zero3_trace(model)
@@ -449,7 +451,9 @@ class SARATrainer(SFTTrainer):
         under `accelerate launch`) and writes them to `sara_anchor_path`, or `output_dir/sara_anchors.safetensors`;
         an existing file is checked and reused. What `hf-sara anchors` runs.
         """
-        self._ensure_offline_anchors(create_anchor_path=True)
+        writes_output_dir = self.args.sara_anchor_path is None and self.is_world_process_zero()
+        with directory_lock(self.args.output_dir) if writes_output_dir else contextlib.nullcontext():
+            self._ensure_offline_anchors(create_anchor_path=True)
         return self._sara_offline
 
     def compute_anchor_distributions(self) -> torch.Tensor:
@@ -487,11 +491,17 @@ class SARATrainer(SFTTrainer):
             return
         dtype = next(model.parameters()).dtype
         loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype)
-        model.load_state_dict(loaded.state_dict(), strict=True)
+        try:
+            model.load_state_dict(loaded.state_dict(), strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"The checkpoint {resume_from_checkpoint} does not fit this model ({str(error).splitlines()[0]}): it "
+                "was saved from another architecture or size. Resume with the model that run started from."
+            ) from None
         logger.info(f"SARA: loaded the weights of {resume_from_checkpoint} with transformers' checkpoint conversion.")
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        resume_from_checkpoint = complete_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        resume_from_checkpoint = complete_checkpoint(resume_from_checkpoint, self.args.output_dir, self.args.max_steps)
         # One training per output_dir (held by the main process): two would mix their checkpoints and anchors.
         lock = directory_lock(self.args.output_dir) if self.is_world_process_zero() else contextlib.nullcontext()
         if self.args.sara_anchor_mode == "offline" and self._sara_router_checksum is None:

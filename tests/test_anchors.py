@@ -112,8 +112,9 @@ class TestOfflineAnchors:
         path = tmp_path / "anchors.safetensors"
         OfflineAnchors.compute(model, {"train": AnchorTable(tokenized_rows(list(range(4))), 0, 4)}, path, METADATA)
         OfflineAnchors.load(path, METADATA, {"train": (0, 4)})
-        with pytest.raises(ValueError, match="model is 'tiny' there but 'other' here"):
-            OfflineAnchors.load(path, {**METADATA, "model": "other"}, {"train": (0, 4)})
+        OfflineAnchors.load(path, {**METADATA, "model": "./another/path"}, {"train": (0, 4)})  # the name informs
+        with pytest.raises(ValueError, match="pooling is None there but 'prompt' here"):
+            OfflineAnchors.load(path, {**METADATA, "pooling": "prompt"}, {"train": (0, 4)})
         with pytest.raises(ValueError, match="lacks the tensor 'train.distributions' of 5 rows"):
             OfflineAnchors.load(path, METADATA, {"train": (0, 5)})
 

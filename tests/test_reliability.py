@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -575,3 +576,104 @@ def test_hf_sara_anchors_writes_a_new_sara_anchor_path_and_typos_are_named(tmp_p
     assert main([*arguments, "--dataset_name", pairs, "--sara_anchor_path", str(target)]) == 0
     assert target.exists() and f"to {target}" in capsys.readouterr().out
     _assert_one_line_error(capsys, main([*arguments, "--dataset_name", "pairz.jsonl"]), "pairz.jsonl not found")
+
+
+class TestSecondAdversarialReview:
+    """Cases a second adversarial review (of the anchor file, locks, resume and distributed code) found."""
+
+    def test_a_non_positive_eval_batch_size_is_refused(self, tmp_path):
+        for size in (0, -1):  # it is the offline anchors' batch size: -1 computed nothing and trained plain SFT
+            with pytest.raises(ValueError, match="`per_device_eval_batch_size` must be >= 1"):
+                sara_config(tmp_path, per_device_eval_batch_size=size)
+
+    def test_resume_refuses_a_longer_runs_checkpoint(self, tmp_path):
+        _trainer(tmp_path, max_steps=4, save_strategy="steps", save_steps=1).train()
+        shutil.rmtree(tmp_path / "checkpoint-2")
+        with pytest.raises(ValueError, match="checkpoint-4 is at step 4, beyond this run's max_steps=3"):
+            _trainer(tmp_path, max_steps=3).train(resume_from_checkpoint=True)
+        with pytest.raises(ValueError, match="beyond"):  # "true", as the command line spells it, means the same
+            _trainer(tmp_path, max_steps=3).train(resume_from_checkpoint="true")
+        _trainer(tmp_path, max_steps=3).train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))  # by path
+
+    def test_an_anchors_file_rewritten_during_training_is_refused(self, tmp_path):
+        trainer = _trainer(tmp_path, max_steps=2)
+        anchors = trainer.offline_anchors
+        other = tmp_path / "other"
+        _trainer(other, model=pairs_model(seed=1)).offline_anchors  # noqa: B018
+        shutil.copyfile(other / ANCHORS_FILE_NAME, anchors.path)  # in place, as `cp` does
+        with pytest.raises(ValueError, match="was replaced or rewritten since it was opened"):
+            trainer.train()
+
+    def test_locks_of_a_restarted_container_an_empty_lock_and_a_bad_lock(self, tmp_path, capsys):
+        import socket
+
+        from hf_sara.files import LOCK_FILE_NAME, OutputDirectoryLockedError, directory_lock
+
+        lock = tmp_path / LOCK_FILE_NAME
+        lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # a killed run whose process id is ours now
+        with directory_lock(tmp_path):
+            pass
+        lock.write_text("")
+        os.utime(lock, (time.time() - 60, time.time() - 60))  # killed between creating and writing it
+        with directory_lock(tmp_path):
+            pass
+        lock.mkdir()
+        with pytest.raises(OutputDirectoryLockedError, match="is not a lock hf_sara wrote"):
+            with directory_lock(tmp_path):
+                pass
+        lock.rmdir()
+        lock.write_text("another-host 1")
+        model = save_tiny_model(str(tmp_path / "model"))
+        pairs = os.path.join(os.path.dirname(__file__), "data", "pairs.jsonl")
+        code = main(["anchors", "--model_name_or_path", model, "--dataset_name", pairs, "--output_dir", str(tmp_path)])
+        _assert_one_line_error(capsys, code, "Another training is writing to")
+
+    def test_anchors_survive_removed_or_reordered_eval_sets_and_another_model_path(self, tmp_path):
+        first, second = load_pairs().select(range(4)), load_pairs().select(range(4, 8))
+        _trainer(tmp_path, eval_dataset={"a": first, "b": second}).offline_anchors  # noqa: B018
+        _trainer(tmp_path, eval_dataset={"b": second}).train()
+        _trainer(tmp_path, eval_dataset={"b": second, "a": first}).train()
+        model = pairs_model()
+        model.config._name_or_path = "./a/relative/spelling"
+        _trainer(tmp_path, model=model, eval_dataset={"a": first, "b": second}).train()
+
+    def test_damaged_flags_shapes_offsets_and_metadata_are_refused(self, tmp_path):
+        _trainer(tmp_path).offline_anchors  # noqa: B018
+        path = tmp_path / ANCHORS_FILE_NAME
+        original = path.read_bytes()
+        tensors, metadata = load_anchor_distributions(path)
+        damaged = {**tensors, "train.has_anchor": torch.zeros_like(tensors["train.has_anchor"])}
+        save_anchor_distributions(path, damaged, metadata)
+        with pytest.raises(ValueError, match="marks other rows of the train dataset as anchored"):
+            _trainer(tmp_path).train()
+        transposed = {**tensors, "train.distributions": tensors["train.distributions"].transpose(1, 2).contiguous()}
+        save_anchor_distributions(path, transposed, metadata)
+        with pytest.raises(ValueError, match=r"holds train anchors of shape \[16, 8, 4\], not \[rows, 4 MoE layers"):
+            _trainer(tmp_path).train()
+        save_anchor_distributions(path, tensors, {**metadata, "datasets": '{"train": 5}'})
+        with pytest.raises(ValueError, match="has unreadable metadata"):
+            _trainer(tmp_path).train()
+        header_size = int.from_bytes(original[:8], "little")
+        header = json.loads(original[8 : 8 + header_size])
+        header["train.has_anchor"]["data_offsets"] = [-16, 0]
+        encoded = json.dumps(header).encode()
+        path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + original[8 + header_size :])
+        with pytest.raises(ValueError, match="negative offsets"):
+            _trainer(tmp_path).train()
+
+    def test_resuming_into_another_architecture_is_named(self, tmp_path):
+        _trainer(tmp_path, max_steps=1, save_strategy="steps", save_steps=1).train()
+        bigger = pairs_model(num_hidden_layers=5)
+        with pytest.raises(ValueError, match="checkpoint-1 does not fit this model"):
+            _trainer(tmp_path / "other", model=bigger, max_steps=2).train(
+                resume_from_checkpoint=str(tmp_path / "checkpoint-1")
+            )
+
+    def test_the_token_digest_hashes_the_selected_rows(self):
+        from hf_sara.anchors import anchor_tokens_digest
+        from hf_sara.data import ROW_COLUMN
+
+        table = Dataset.from_dict({"input_ids": [[1], [2], [3], [4]], ROW_COLUMN: [0, 1, 2, 3]})
+        assert anchor_tokens_digest(table.select([0, 2]), "all") != anchor_tokens_digest(table.select([1, 3]), "all")
+        shifted = Dataset.from_dict({"input_ids": [[1], [2]], ROW_COLUMN: [10, 11]})
+        assert anchor_tokens_digest(shifted, "all", offset=10) == anchor_tokens_digest(table.select([0, 1]), "all")
