@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0.dev0"
 
-from .anchors import compute_anchor_distributions, load_anchor_distributions, save_anchor_distributions
+from .anchors import OfflineAnchors, compute_anchor_distributions, load_anchor_distributions, save_anchor_distributions
 from .capture import RoutingCapture, capture_routing, routing_distributions
 from .config import SARAConfig
 from .layers import DEFAULT_LAYERS, PUBLISHED_BAND, resolve_layers
@@ -13,6 +13,7 @@ from .trainer import SARATrainer
 
 __all__ = [
     "DEFAULT_LAYERS",
+    "OfflineAnchors",
     "PUBLISHED_BAND",
     "RouterSite",
     "RoutingCapture",
