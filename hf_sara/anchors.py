@@ -3,11 +3,12 @@ stored in one memory-mapped safetensors file."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,17 @@ def anchor_tokens_digest(rows: Dataset, pooling: str, offset: int = 0) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Runs a block with `model` in eval mode, and puts back the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _default_collator(model: nn.Module) -> Callable:
     pad_token_id = getattr(model.config.get_text_config(), "pad_token_id", None) or 0
     return DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
@@ -163,15 +175,11 @@ def compute_anchor_distributions(
         raise ValueError("The dataset to compute anchors for is empty: pass at least one tokenized row.")
     data_collator = data_collator or _default_collator(model)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     results = []
-    try:
+    with _eval_mode(model):
         for start in logging.tqdm(range(0, len(dataset), batch_size), desc=desc):
             rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
             results.append(_pool_rows(model, rows, data_collator, pooling, device).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(results)
 
 
@@ -370,43 +378,40 @@ class OfflineAnchors:
         mine = rank_batches(len(batches), num_processes, process_index)
         writer = None
         computed = 0
-        was_training = model.training
-        model.eval()
-        try:
-            for batch in logging.tqdm(mine, desc="SARA: offline anchors", disable=process_index != 0):
-                name, start, end = batches[batch if batch is not None else 0]
-                table = tables[name]
-                rows = table.rows.select(range(start, end))
-                pooled = _pool_rows(model, rows, data_collator, pooling, device)
-                row_ids = torch.tensor(rows[ROW_COLUMN], dtype=torch.long, device=pooled.device)
-                if batch is None:  # a rank with no batch left runs one anyway (sharded engines), then drops it
-                    row_ids = torch.full_like(row_ids, -1)
-                else:
-                    computed += len(row_ids)
-                padded = pooled.new_zeros(batch_size, *pooled.shape[1:])
-                padded[: len(row_ids)] = pooled
-                padded_ids = row_ids.new_full((batch_size,), -1)
-                padded_ids[: len(row_ids)] = row_ids
-                if num_processes > 1:
-                    padded, padded_ids = gather(padded), gather(padded_ids)
+        with _eval_mode(model):
+            try:
+                for batch in logging.tqdm(mine, desc="SARA: offline anchors", disable=process_index != 0):
+                    name, start, end = batches[batch if batch is not None else 0]
+                    table = tables[name]
+                    rows = table.rows.select(range(start, end))
+                    pooled = _pool_rows(model, rows, data_collator, pooling, device)
+                    row_ids = torch.tensor(rows[ROW_COLUMN], dtype=torch.long, device=pooled.device)
+                    if batch is None:  # a rank with no batch left runs one anyway (sharded engines), then drops it
+                        row_ids = torch.full_like(row_ids, -1)
+                    else:
+                        computed += len(row_ids)
+                    padded = pooled.new_zeros(batch_size, *pooled.shape[1:])
+                    padded[: len(row_ids)] = pooled
+                    padded_ids = row_ids.new_full((batch_size,), -1)
+                    padded_ids[: len(row_ids)] = row_ids
+                    if num_processes > 1:
+                        padded, padded_ids = gather(padded), gather(padded_ids)
+                    if write:
+                        if writer is None:
+                            writer = cls._writer(path, tables, metadata, num_layers, pooled.shape[-1])
+                        cls._write_rows(writer, tables, padded.cpu(), padded_ids.cpu())
                 if write:
-                    if writer is None:
-                        writer = cls._writer(path, tables, metadata, num_layers, pooled.shape[-1])
-                    cls._write_rows(writer, tables, padded.cpu(), padded_ids.cpu())
-            if write:
-                writer = writer or cls._writer(path, tables, metadata, num_layers, 0)
-                for name, table in tables.items():
-                    has_anchor = torch.zeros(table.size, dtype=torch.bool)
-                    has_anchor[torch.tensor(table.rows[ROW_COLUMN], dtype=torch.long) - table.offset] = True
-                    writer.write(f"{name}.has_anchor", slice(None), has_anchor)
-                writer.commit()
-                logger.info(f"SARA: computed offline anchors for {list(tables)} and saved them to {path}.")
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
-        finally:
-            model.train(was_training)
+                    writer = writer or cls._writer(path, tables, metadata, num_layers, 0)
+                    for name, table in tables.items():
+                        has_anchor = torch.zeros(table.size, dtype=torch.bool)
+                        has_anchor[torch.tensor(table.rows[ROW_COLUMN], dtype=torch.long) - table.offset] = True
+                        writer.write(f"{name}.has_anchor", slice(None), has_anchor)
+                    writer.commit()
+                    logger.info(f"SARA: computed offline anchors for {list(tables)} and saved them to {path}.")
+            except BaseException:
+                if writer is not None:
+                    writer.abort()
+                raise
         if wait_for_everyone is not None:
             wait_for_everyone()
         ranges = {name: (table.offset, table.size) for name, table in tables.items()}
@@ -435,9 +440,7 @@ class OfflineAnchors:
         device = device if device is not None else next(model.parameters()).device
         parameter = next(model.parameters())
         tolerance = 1e-4 if parameter.dtype == torch.float32 else 5e-3
-        was_training = model.training
-        model.eval()
-        try:
+        with _eval_mode(model):
             for name, table in tables.items():
                 if len(table.rows) == 0:
                     continue
@@ -455,8 +458,6 @@ class OfflineAnchors:
                         "to recompute them with this model before training, or point `sara_anchor_path` at anchors "
                         "computed with it."
                     )
-        finally:
-            model.train(was_training)
 
     @staticmethod
     def _writer(path, tables: dict[str, AnchorTable], metadata, num_layers: int, num_experts: int) -> AnchorFileWriter:

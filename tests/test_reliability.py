@@ -677,3 +677,11 @@ class TestSecondAdversarialReview:
         assert anchor_tokens_digest(table.select([0, 2]), "all") != anchor_tokens_digest(table.select([1, 3]), "all")
         shifted = Dataset.from_dict({"input_ids": [[1], [2]], ROW_COLUMN: [10, 11]})
         assert anchor_tokens_digest(shifted, "all", offset=10) == anchor_tokens_digest(table.select([0, 1]), "all")
+
+
+def test_a_non_numeric_sara_weight_and_a_negative_few_shot_count_are_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match="`sara_weight` must be a finite number, got '1.5'"):
+        sara_config(tmp_path, sara_weight="1.5")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", "unused", "--output-dir", str(tmp_path / "eval"), "--num-fewshot", "-1"])
+    assert exit_info.value.code == 2 and "must be 0 or more" in capsys.readouterr().err
