@@ -57,8 +57,8 @@ def compute_child(rows: int, seq_len: int, batch_size: int, output: str) -> None
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from hf_sara import patch_model
-    from hf_sara.anchors import AnchorTable, OfflineAnchors
-    from hf_sara.data import ROW_COLUMN
+    from hf_sara.training.anchors import AnchorTable, OfflineAnchors
+    from hf_sara.training.paired_data import ROW_COLUMN
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def compute_child(rows: int, seq_len: int, batch_size: int, output: str) -> None
     accelerator.wait_for_everyone()
     start = time.perf_counter()
     anchors, computed = OfflineAnchors.compute(
-        model, {"train": AnchorTable(table, 0, rows)}, output, {"format": "hf_sara.anchors/1"},
+        model, {"train": AnchorTable(table, 0, rows)}, output, {"format": "hf_sara.training.anchors/1"},
         batch_size=batch_size, device=accelerator.device, process_index=accelerator.process_index,
         num_processes=accelerator.num_processes, gather=accelerator.gather,
         write=accelerator.is_main_process, wait_for_everyone=accelerator.wait_for_everyone,
@@ -120,7 +120,7 @@ def run_compute(ranks: int, rows: int, seq_len: int, batch_size: int, output: st
 
 def write_table(path: str, rows: int) -> float:
     """Writes a random anchors table with the streaming writer; returns the writer's private memory growth (bytes)."""
-    from hf_sara.anchor_file import AnchorFileWriter
+    from hf_sara.training.anchor_file import AnchorFileWriter
 
     shapes = {
         "train.distributions": ((rows, LAYERS, EXPERTS), torch.float32),
@@ -129,7 +129,7 @@ def write_table(path: str, rows: int) -> float:
     # One block of rows, made before the baseline and written again and again: the measure is the writer's alone.
     values = torch.randn(WRITE_ROWS, LAYERS, EXPERTS, generator=torch.Generator().manual_seed(0)).softmax(-1)
     baseline, peak = _status("RssAnon"), 0
-    with AnchorFileWriter(path, shapes, {"format": "hf_sara.anchors/1"}) as writer:
+    with AnchorFileWriter(path, shapes, {"format": "hf_sara.training.anchors/1"}) as writer:
         for start in range(0, rows, WRITE_ROWS):
             end = min(start + WRITE_ROWS, rows)
             writer.write("train.distributions", torch.arange(start, end), values[: end - start])
@@ -143,8 +143,8 @@ def lookup_child(path: str, rows: int, mode: str) -> None:
     """Runs in a fresh process: opens a table as a rank does and looks up 500 batches; prints the memory growth."""
     from safetensors.torch import load_file
 
-    from hf_sara.anchor_file import MappedAnchorFile
-    from hf_sara.anchors import OfflineAnchors
+    from hf_sara.training.anchor_file import MappedAnchorFile
+    from hf_sara.training.anchors import OfflineAnchors
 
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, rows, (16,), generator=generator) for _ in range(500)]

@@ -30,7 +30,7 @@ import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-import hf_sara.capture as capture_module
+import hf_sara.routing.capture as capture_module
 from hf_sara import capture_routing, patch_model, sara_alignment_loss
 
 CONFIGS = [(1024, 8), (1024, 128), (4096, 8), (4096, 128)]

@@ -51,7 +51,7 @@ def build(variant: str, seq_len: int, experts: int, checkpointing: bool, batch_s
     from trl import SFTConfig, SFTTrainer
 
     from hf_sara import SARAConfig, SARATrainer, patch_model
-    from hf_sara.demo import load_demo_pairs, pair_texts, train_tokenizer
+    from hf_sara.testing import load_demo_pairs, pair_texts, train_tokenizer
 
     logging.set_verbosity_error()
     tokenizer = train_tokenizer(pair_texts(load_demo_pairs()))
@@ -78,7 +78,7 @@ def build(variant: str, seq_len: int, experts: int, checkpointing: bool, batch_s
             train_dataset=Dataset.from_dict(rows), processing_class=tokenizer,
         )  # fmt: skip
         if variant == "sara_offline":
-            trainer.compute_anchor_distributions()
+            trainer.train_anchor_table()
     else:
         trainer = SFTTrainer(
             model=model, args=SFTConfig(**common), train_dataset=Dataset.from_dict({"input_ids": rows["input_ids"]}),

@@ -19,10 +19,10 @@ import argparse
 import copy
 
 import torch
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from hf_sara import capture_routing, js_divergence, patch_model, resolve_layers, routing_distributions
 from hf_sara import sara_alignment_loss as alignment_loss
+from hf_sara.testing import tiny_model
 
 SHIFT = 61  # anchor token t becomes t + SHIFT in the low-resource language
 
@@ -65,25 +65,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    torch.manual_seed(args.seed)
-    config = Qwen3MoeConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=8,
-        num_experts_per_tok=2,
-        norm_topk_prob=True,
-        router_aux_loss_coef=0.0,
+    # The tests' tiny Qwen3-MoE (4 layers, 8 experts, top-2), a little wider, without the load-balancing loss.
+    base = patch_model(
+        tiny_model("qwen3_moe", args.seed, hidden_size=64, intermediate_size=128, router_aux_loss_coef=0)
     )
-    base = patch_model(Qwen3MoeForCausalLM(config))
     generator = torch.Generator().manual_seed(args.seed)
     batches = [parallel_pairs(8, 16, generator) for _ in range(args.steps)]
     held_out = parallel_pairs(64, 16, generator)
-    layers = resolve_layers(args.layers, config.num_hidden_layers)
+    layers = resolve_layers(args.layers, base.config.num_hidden_layers)
 
     # Offline anchors: the anchors' routing under the model as it is before fine-tuning.
     with torch.no_grad():
@@ -101,7 +90,7 @@ def main() -> None:
     print(f"(aligned layers: {layers}; {args.steps} steps; SARA weight {args.weight})\n")
     print("| layer | before | after SFT | after SFT + SARA |")
     print("|---|---|---|---|")
-    for layer in range(config.num_hidden_layers):
+    for layer in range(base.config.num_hidden_layers):
         row = [before[layer], results["SFT"][layer], results["SFT + SARA"][layer]]
         print(f"| {layer} | " + " | ".join(f"{value:.4f}" for value in row) + " |")
     means = [before[layers].mean(), results["SFT"][layers].mean(), results["SFT + SARA"][layers].mean()]

@@ -16,7 +16,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_sara import SARAConfig, SARATrainer, patch_model, router_weight_names  # SARA: was `from trl import ...`
-from hf_sara.demo import demo_data_path, save_tiny_model
+from hf_sara.testing import demo_data_path, save_tiny_model
 
 
 def main() -> None:

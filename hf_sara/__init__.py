@@ -2,14 +2,20 @@
 
 __version__ = "0.1.0.dev0"
 
-from .anchors import OfflineAnchors, compute_anchor_distributions, load_anchor_distributions, save_anchor_distributions
-from .capture import RoutingCapture, capture_routing, routing_distributions
-from .config import SARAConfig
-from .layers import DEFAULT_LAYERS, PUBLISHED_BAND, resolve_layers
-from .loss import js_divergence, sara_alignment_loss
-from .patching import RouterSite, find_routers, is_patched, patch_model, router_weight_names, unpatch_model
-from .routing import router_probabilities
-from .trainer import SARATrainer
+from .routing.capture import RoutingCapture, capture_routing, routing_distributions
+from .routing.discovery import RouterSite, find_routers, router_weight_names
+from .routing.layers import DEFAULT_LAYERS, PUBLISHED_BAND, resolve_layers
+from .routing.loss import js_divergence, sara_alignment_loss
+from .routing.patching import is_patched, patch_model, unpatch_model
+from .routing.pooling import router_probabilities
+from .training.anchors import (
+    OfflineAnchors,
+    compute_anchor_distributions,
+    load_anchor_distributions,
+    save_anchor_distributions,
+)
+from .training.config import SARAConfig
+from .training.trainer import SARATrainer
 
 __all__ = [
     "DEFAULT_LAYERS",

@@ -9,10 +9,10 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from hf_sara import compute_anchor_distributions, patch_model
-from hf_sara.anchor_file import AnchorFileWriter, MappedAnchorFile
-from hf_sara.anchors import ANCHORS_FORMAT, AnchorTable, OfflineAnchors
-from hf_sara.data import ROW_COLUMN
 from hf_sara.distributed import full_parameters, rank_batches
+from hf_sara.training.anchor_file import AnchorFileWriter, MappedAnchorFile
+from hf_sara.training.anchors import ANCHORS_FORMAT, AnchorTable, OfflineAnchors
+from hf_sara.training.paired_data import ROW_COLUMN
 
 from .testing_utils import tiny_model
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_sara import capture_routing, find_routers, patch_model, routing_distributions, sara_alignment_loss
-from hf_sara.capture import RoutingCapture
+from hf_sara.routing.capture import RoutingCapture
 
 from .testing_utils import NUM_EXPERTS, random_batch, tiny_model
 

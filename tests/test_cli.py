@@ -11,7 +11,7 @@ from trl import ModelConfig
 
 from hf_sara import SARAConfig
 from hf_sara.cli import main
-from hf_sara.demo import demo_data_path, load_demo_pairs, save_tiny_model
+from hf_sara.testing import demo_data_path, load_demo_pairs, save_tiny_model
 
 TRAIN_FLAGS = [
     "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--bf16", "false",
@@ -173,7 +173,7 @@ class TestTrainAnchorsAnalyze:
     def test_dense_model_is_refused(self, tmp_path, small_pairs, capsys):
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from hf_sara.demo import pair_texts, train_tokenizer
+        from hf_sara.testing import pair_texts, train_tokenizer
 
         dense = tmp_path / "dense"
         tokenizer = train_tokenizer(pair_texts(load_demo_pairs()), vocab_size=300)

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from hf_sara import SARATrainer, patch_model
-from hf_sara.anchors import ANCHORS_FILE_NAME
-from hf_sara.patching import get_routing_state
+from hf_sara.routing.patching import get_routing_state
+from hf_sara.training.anchors import ANCHORS_FILE_NAME
 
 from .testing_utils import PAIRS_FILE, distributed_config, load_pairs, pairs_model, pairs_tokenizer
 

@@ -11,9 +11,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_sara.cli import main
-from hf_sara.demo import save_tiny_model
-from hf_sara.eval_files import GLOBAL_MMLU, M3KE, EvalFileError, load_eval_file, sample_eval_files
-from hf_sara.evaluation import (
+from hf_sara.testing import save_tiny_model
+from hf_sara.tools.eval_files import GLOBAL_MMLU, M3KE, EvalFileError, load_eval_file, sample_eval_files
+from hf_sara.tools.evaluation import (
     EvalSource,
     evaluate_model,
     language_of_task,

@@ -11,7 +11,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from nbclient import NotebookClient
 
 from hf_sara import router_weight_names
-from hf_sara.cli import _trl_parser
+from hf_sara.cli.train import trl_parser
 
 from .testing_utils import tiny_model
 
@@ -72,7 +72,7 @@ RECIPES = {
 def test_recipe_parses_with_the_cli_parser(recipe):
     model_type, layers, use_peft = RECIPES[recipe]
     path = os.path.join(EXAMPLES, "recipes", recipe)
-    script_args, training_args, model_args = _trl_parser("hf-sara train").parse_args_and_config(
+    script_args, training_args, model_args = trl_parser("hf-sara train").parse_args_and_config(
         args=["--config", path, "--output_dir", "unused", "--use_cpu", "true", "--bf16", "false", "--fp16", "false"]
     )
     assert training_args.sara_layers == layers and training_args.sara_weight == 1.5

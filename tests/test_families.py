@@ -6,9 +6,10 @@ import torch
 
 import hf_sara
 from hf_sara import capture_routing, find_routers, patch_model, routing_distributions, sara_alignment_loss
-from hf_sara.routing import router_probabilities
+from hf_sara.routing.families import FAMILIES
+from hf_sara.routing.pooling import router_probabilities
 
-from .testing_utils import FAMILIES_BY_TYPE, MODEL_TYPES, NUM_EXPERTS, random_batch, router_parameters, tiny_model
+from .testing_utils import MODEL_TYPES, NUM_EXPERTS, random_batch, router_parameters, tiny_model
 
 
 def _reference_distributions(router_logits, scoring, attention_mask):
@@ -61,7 +62,7 @@ def test_distributions_sum_to_one(model_type):
 def test_scoring_rule_matches_router_weights(model_type):
     """The distribution's ratios between the experts a router chose equal the ratios of the weights it gave them:
     an independent check that the family's scoring function (softmax or sigmoid) is the one hf_sara applies."""
-    if not FAMILIES_BY_TYPE[model_type].weights_follow_scoring:
+    if not FAMILIES[model_type].weights_follow_scoring:
         pytest.skip(f"{model_type}'s router weights are not ratios of its scores")
     model = patch_model(tiny_model(model_type))
     sites = find_routers(model)
@@ -128,22 +129,15 @@ def test_patching_keeps_outputs_bit_identical(model_type):
     assert not hf_sara.is_patched(model)
 
 
-def test_every_tested_family_is_in_the_scoring_table():
-    from hf_sara.families import (
-        PROBABILITY_OUTPUT_MODEL_TYPES,
-        SIGMOID_SCORING_MODEL_TYPES,
-        SOFTMAX_SCORING_MODEL_TYPES,
-    )
-
-    table = SOFTMAX_SCORING_MODEL_TYPES | SIGMOID_SCORING_MODEL_TYPES | PROBABILITY_OUTPUT_MODEL_TYPES
-    assert set(MODEL_TYPES) <= table
-    assert not SOFTMAX_SCORING_MODEL_TYPES & SIGMOID_SCORING_MODEL_TYPES
+def test_the_tested_families_are_the_tables_tested_families():
+    assert set(MODEL_TYPES) == {model_type for model_type, facts in FAMILIES.items() if facts.tested}
+    assert {facts.scoring for facts in FAMILIES.values()} <= {"softmax", "sigmoid", "probabilities"}
 
 
 def test_an_unknown_model_type_is_said_out_loud(caplog):
     from transformers.utils import logging as hf_logging
 
-    from hf_sara.families import scoring_function
+    from hf_sara.routing.families import scoring_function
 
     config = tiny_model("qwen3_moe").config
     config.model_type = "brand_new_moe"

@@ -15,7 +15,7 @@ from hf_sara import (
     sara_alignment_loss,
     unpatch_model,
 )
-from hf_sara.patching import STATE_ATTRIBUTE, RouterHook
+from hf_sara.routing.patching import STATE_ATTRIBUTE, RouterHook
 
 from .testing_utils import NUM_EXPERTS, random_batch, tiny_model
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-import hf_sara.capture as capture_module
+import hf_sara.routing.capture as capture_module
 from hf_sara import capture_routing, patch_model
-from hf_sara.capture import activation_checkpointing
-from hf_sara.patching import RouterHook
+from hf_sara.routing.capture import activation_checkpointing
+from hf_sara.routing.patching import RouterHook
 
 from .testing_utils import MODEL_TYPES, NUM_EXPERTS, random_batch, tiny_model
 

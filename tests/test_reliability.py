@@ -22,11 +22,11 @@ from hf_sara import (
     sara_alignment_loss,
     save_anchor_distributions,
 )
-from hf_sara.anchor_file import AnchorFileWriter
-from hf_sara.anchors import ANCHORS_FILE_NAME, ANCHORS_FORMAT
 from hf_sara.cli import main
-from hf_sara.demo import save_tiny_model
 from hf_sara.files import atomic_write
+from hf_sara.testing import save_tiny_model
+from hf_sara.training.anchor_file import AnchorFileWriter
+from hf_sara.training.anchors import ANCHORS_FILE_NAME, ANCHORS_FORMAT
 
 from .test_cli import _assert_one_line_error
 from .testing_utils import load_pairs, pairs_in_format, pairs_model, pairs_tokenizer, sara_config
@@ -391,7 +391,7 @@ class TestKilledWrites:
         assert killed.returncode == -signal.SIGKILL
         assert not (tmp_path / "pairs.jsonl").exists()
         assert len(glob.glob(str(tmp_path / ".pairs.jsonl.*.tmp"))) == 1
-        from hf_sara.pairs import write_jsonl
+        from hf_sara.tools.pairs import write_jsonl
 
         write_jsonl([{"text": "a", "anchor_text": "b"}], str(tmp_path / "pairs.jsonl"))
         assert os.listdir(tmp_path) == ["pairs.jsonl"]
@@ -454,14 +454,14 @@ class TestAdversarialFindings:
         assert trainer.model.config.output_router_logits is True
 
     def test_analysis_reads_only_the_formats_anchor_columns(self):
-        from hf_sara.analysis import analyze_routing
+        from hf_sara.tools.analysis import analyze_routing
 
         dataset = load_pairs().add_column("anchor_id", [0] * 16)  # an unrelated column with a falsy value
         report = analyze_routing(patch_model(pairs_model()), pairs_tokenizer(), dataset, batch_size=8)
         assert sum(report.counts.values()) == 16
 
     def test_eval_task_names_that_collide_are_refused(self):
-        from hf_sara.evaluation import parse_sources
+        from hf_sara.tools.evaluation import parse_sources
 
         with pytest.raises(ValueError, match="'zh-Hans' and 'zh_Hans' both become the harness task"):
             parse_sources(files=["zh-Hans=a/m3ke_zh.jsonl", "zh_Hans=b/global_mmlu_sw.jsonl"])
@@ -483,7 +483,7 @@ class TestAdversarialFindings:
         assert not output.exists()
 
     def test_eval_cache_is_not_shared_across_max_lengths(self, tmp_path, capsys):
-        from hf_sara.eval_files import sample_eval_files
+        from hf_sara.tools.eval_files import sample_eval_files
 
         model = save_tiny_model(str(tmp_path / "model"))
         arguments = ["eval", "--model", model, "--files", f"sw={sample_eval_files()['sw']}", "--batch-size", "4"]
@@ -496,7 +496,7 @@ class TestAdversarialFindings:
         assert len(os.listdir(tmp_path / "eval" / "lm_eval_cache")) == 2
 
     def test_pairs_reads_every_column_refuses_self_anchors_mixed_formats_and_overwriting(self, tmp_path, capsys):
-        from hf_sara.pairs import pairs_from_multilingual
+        from hf_sara.tools.pairs import pairs_from_multilingual
 
         path = tmp_path / "items.jsonl"
         path.write_text('{"en": "Hello", "sw": "Habari"}\n{"en": "Bye", "sw": "Kwaheri", "yo": "O dabo"}\n')
@@ -559,7 +559,7 @@ def test_compute_anchor_distributions_refuses_empty_and_untokenized_datasets():
 
 
 def test_eval_files_saved_with_a_byte_order_mark(tmp_path):
-    from hf_sara.eval_files import load_eval_file
+    from hf_sara.tools.eval_files import load_eval_file
 
     path = tmp_path / "exam.csv"
     path.write_bytes("\ufeffquestion,option_a,option_b,option_c,option_d,answer\nQ?,a,b,c,d,B\n".encode())
@@ -670,8 +670,8 @@ class TestSecondAdversarialReview:
             )
 
     def test_the_token_digest_hashes_the_selected_rows(self):
-        from hf_sara.anchors import anchor_tokens_digest
-        from hf_sara.data import ROW_COLUMN
+        from hf_sara.training.anchors import anchor_tokens_digest
+        from hf_sara.training.paired_data import ROW_COLUMN
 
         table = Dataset.from_dict({"input_ids": [[1], [2], [3], [4]], ROW_COLUMN: [0, 1, 2, 3]})
         assert anchor_tokens_digest(table.select([0, 2]), "all") != anchor_tokens_digest(table.select([1, 3]), "all")

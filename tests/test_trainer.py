@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from trl import SFTTrainer
 
 from hf_sara import SARATrainer, js_divergence, patch_model, routing_distributions
-from hf_sara.anchors import ANCHORS_FILE_NAME, load_anchor_distributions
+from hf_sara.training.anchors import ANCHORS_FILE_NAME, load_anchor_distributions
 
 from .testing_utils import (
     load_pairs,
@@ -268,7 +268,7 @@ class TestOfflineAnchors:
             train_dataset=load_pairs(),
             processing_class=pairs_tokenizer(),
         )
-        anchors = trainer.compute_anchor_distributions()
+        anchors = trainer.train_anchor_table()
         path = tmp_path / ANCHORS_FILE_NAME
         tensors, metadata = load_anchor_distributions(path)
         assert anchors.shape == (16, 4, 8)
@@ -293,7 +293,7 @@ class TestOfflineAnchors:
             train_dataset=load_pairs(),
             processing_class=pairs_tokenizer(),
         )
-        torch.testing.assert_close(again.compute_anchor_distributions(), anchors)
+        torch.testing.assert_close(again.train_anchor_table(), anchors)
         assert os.path.getmtime(path) == mtime
 
     def test_anchors_of_another_model_or_dataset_are_refused(self, tmp_path):
@@ -302,7 +302,7 @@ class TestOfflineAnchors:
             args=sara_config(tmp_path),
             train_dataset=load_pairs(),
             processing_class=pairs_tokenizer(),
-        ).compute_anchor_distributions()
+        ).train_anchor_table()
         other_model = SARATrainer(
             model=pairs_model(seed=1),
             args=sara_config(tmp_path),

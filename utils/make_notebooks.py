@@ -32,8 +32,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_sara import SARAConfig, SARATrainer, find_routers, patch_model, router_weight_names
-from hf_sara.analysis import analyze_routing, divergence_table, markdown_table
-from hf_sara.demo import load_demo_pairs, save_tiny_model, split_by_item
+from hf_sara.testing import load_demo_pairs, save_tiny_model
+from hf_sara.tools.analysis import analyze_routing, divergence_table
+from hf_sara.tools.pairs import split_by_item
+from hf_sara.tools.reporting import markdown_table
 
 TINY = os.environ.get("HF_SARA_TINY") == "1"  # the tests' offline switch: a tiny untrained MoE
 MODEL = save_tiny_model(tempfile.mkdtemp()) if TINY else "ibm-granite/granite-3.1-1b-a400m-instruct"
@@ -108,7 +110,7 @@ print(open(os.path.join(OUTPUT_DIR, "README.md")).read()[-600:])""",
 from IPython.display import Image, display
 from peft import PeftModel
 
-from hf_sara.analysis import write_report
+from hf_sara.tools.analysis import write_report
 
 base = patch_model(AutoModelForCausalLM.from_pretrained(MODEL).to(trainer.model.device))
 adapted = patch_model(PeftModel.from_pretrained(base, OUTPUT_DIR))

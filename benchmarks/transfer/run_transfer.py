@@ -87,8 +87,8 @@ def run_seed(seed: int, pretrain_steps: int, finetune_steps: int, sara_weight: f
     from trl import SFTConfig, SFTTrainer
 
     from hf_sara import SARAConfig, SARATrainer, patch_model
-    from hf_sara.analysis import analyze_routing
-    from hf_sara.demo import demo_model
+    from hf_sara.testing import tiny_qwen3_moe
+    from hf_sara.tools.analysis import analyze_routing
 
     logging.set_verbosity_error()
     world = World(seed)
@@ -97,7 +97,7 @@ def run_seed(seed: int, pretrain_steps: int, finetune_steps: int, sara_weight: f
     finetune = Dataset.from_list(world.qa_pairs(world.shared_entities))
 
     start = time.perf_counter()
-    base = demo_model(tokenizer, seed)  # the demo's tiny Qwen3-MoE: 4 layers, 8 experts, top-2
+    base = tiny_qwen3_moe(tokenizer, seed)  # the demo's tiny Qwen3-MoE: 4 layers, 8 experts, top-2
     SFTTrainer(
         model=base,
         args=SFTConfig(

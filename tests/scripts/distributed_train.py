@@ -55,7 +55,7 @@ def main() -> None:
 
     from hf_sara import SARATrainer, patch_model
     from hf_sara.distributed import full_parameters
-    from hf_sara.patching import get_routing_state
+    from hf_sara.routing.patching import get_routing_state
     from tests.testing_utils import distributed_config, load_pairs, pairs_tokenizer
 
     offline = options.anchors != "online"

@@ -23,7 +23,7 @@ def main() -> None:
     output_dir, kill_at = sys.argv[1], sys.argv[2]
     resume = "--resume" in sys.argv
     if kill_at == "pairs":
-        import hf_sara.pairs as pairs
+        import hf_sara.tools.pairs as pairs
 
         rows = [
             {"language": "sw", "text": f"maandishi {index}", "anchor_text": f"text {index}"} for index in range(50)
@@ -43,7 +43,7 @@ def main() -> None:
     from transformers.utils import logging
 
     from hf_sara import SARATrainer
-    from hf_sara.anchor_file import AnchorFileWriter
+    from hf_sara.training.anchor_file import AnchorFileWriter
     from tests.testing_utils import load_pairs, pairs_model, pairs_tokenizer, sara_config
 
     logging.set_verbosity_warning()  # testing_utils silences transformers' loggers; hf_sara's warnings are checked

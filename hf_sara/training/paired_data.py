@@ -1,4 +1,9 @@
-"""Paired datasets: an example in any format `SFTTrainer` accepts, and its anchor in the same format under a prefix."""
+"""Paired datasets: an example in any format `SFTTrainer` accepts, and its anchor in the same format under a prefix.
+
+The one place that knows the paired format: its columns, which rows have an anchor, how a dataset splits into examples
+and anchors, and how a row becomes a pair of plain texts. The trainer, the analysis, the pair builders and the demo
+all read it from here.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,11 @@ from trl.data_utils import is_conversational
 # Columns that hf_sara adds to the datasets it prepares; they survive `Trainer`'s column removal.
 ROW_COLUMN = "sara_row"  # global id of the example's row (one id space across train and eval datasets)
 TOKEN_ROWS_COLUMN = "sara_token_rows"  # packed datasets: the row id of every token
-LANGUAGE_COLUMN = "language"
+LANGUAGE_COLUMN = "language"  # optional: the example's language, for per-language logs and analyses
+DEFAULT_ANCHOR_PREFIX = "anchor_"  # `SARAConfig.anchor_prefix`: the anchor's columns are the example's under it
+PROMPT_COMPLETION_FIELDS = ("prompt", "completion")
+MESSAGES_FIELDS = ("messages",)
+TEXT_FIELD = "text"  # `SFTConfig.dataset_text_field`'s default
 
 
 @dataclass(frozen=True)
@@ -44,20 +53,22 @@ class PairedFormat:
 def _formats(text_field: str) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     return [
         (("input_ids",), ("labels", "completion_mask", "assistant_masks")),
-        (("prompt", "completion"), ()),
-        (("messages",), ()),
+        (PROMPT_COMPLETION_FIELDS, ()),
+        (MESSAGES_FIELDS, ()),
         ((text_field,), ()),
     ]
 
 
-def detect_paired_format(column_names: list[str], anchor_prefix: str, text_field: str = "text") -> PairedFormat:
+def detect_paired_format(
+    column_names: list[str], anchor_prefix: str = DEFAULT_ANCHOR_PREFIX, text_field: str = TEXT_FIELD
+) -> PairedFormat:
     """
     Works out the format of a paired dataset from its columns, and checks that the anchor uses the same one.
 
     Args:
         column_names (`list[str]`):
             The dataset's columns.
-        anchor_prefix (`str`):
+        anchor_prefix (`str`, *optional*, defaults to `"anchor_"`):
             The prefix of the anchor's columns (`SARAConfig.anchor_prefix`).
         text_field (`str`, *optional*, defaults to `"text"`):
             The language-modeling text column (`SFTConfig.dataset_text_field`).
@@ -163,3 +174,30 @@ def split_pairs(
         .add_column(ROW_COLUMN, [rows[index] for index in anchored])
     )
     return examples, anchors
+
+
+def plain_texts(dataset: Dataset, paired_format: PairedFormat, anchors: bool = False) -> list[str]:
+    """
+    The examples' (or, with `anchors=True`, the anchors') plain texts: `prompt + completion`, or the text column.
+
+    Raises:
+        `ValueError`: for conversational or tokenized pairs, which have no plain text without a tokenizer's template.
+    """
+    prefix = paired_format.anchor_prefix if anchors else ""
+    if paired_format.fields == PROMPT_COMPLETION_FIELDS and not is_conversational(dataset[0]):
+        prompts, completions = (dataset[prefix + name] for name in PROMPT_COMPLETION_FIELDS)
+        return [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)]
+    if len(paired_format.fields) == 1 and paired_format.fields not in (MESSAGES_FIELDS, ("input_ids",)):
+        return list(dataset[prefix + paired_format.fields[0]])
+    raise ValueError(
+        f"This needs plain-text pairs: `prompt`/`completion` and `{paired_format.anchor_prefix}prompt`/"
+        f"`{paired_format.anchor_prefix}completion`, or `text` and `{paired_format.anchor_prefix}text`; the dataset "
+        f"has {dataset.column_names}."
+    )
+
+
+def languages_of(dataset: Dataset, missing: str | None = None) -> list[str | None]:
+    """Each row's language (the `language` column as text), `missing` for rows (or datasets) without one."""
+    if LANGUAGE_COLUMN not in dataset.column_names:
+        return [missing] * len(dataset)
+    return [missing if language is None else str(language) for language in dataset[LANGUAGE_COLUMN]]

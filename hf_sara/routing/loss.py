@@ -75,6 +75,40 @@ def check_distributions(
     )
 
 
+def alignment_divergences(
+    distributions: torch.Tensor, anchor_distributions: torch.Tensor, weights: torch.Tensor, layers: list[int]
+) -> torch.Tensor:
+    """
+    The terms of the SARA loss: the Jensen-Shannon divergence between each example's routing and its anchor's, per
+    aligned layer, `[batch, len(layers)]` in fp32 (0 where `weights` is 0). [`sara_alignment_loss`] checks its
+    inputs and takes their masked mean; [`SARATrainer`] also logs them.
+
+    Args:
+        distributions, anchor_distributions (`torch.Tensor` of shape `[batch, n_moe_layers, n_experts]`):
+            The examples' and the anchors' routing; no gradient flows into the anchors.
+        weights (`torch.Tensor` of shape `[batch]`):
+            1.0 for the examples that have an anchor, 0.0 for the others (whose anchor rows may hold anything).
+        layers (`list[int]`):
+            The aligned MoE layers, resolved.
+    """
+    index = torch.tensor(layers, device=distributions.device)
+    examples = distributions.index_select(1, index)
+    # Rows without an anchor may hold zeros or garbage: replace them by the example itself, so their divergence is a
+    # finite 0 that the mask removes without NaN leaking into the gradient.
+    anchors = torch.where(
+        weights.bool()[:, None, None],
+        anchor_distributions.detach().index_select(1, index).float(),
+        examples.detach().float(),
+    )
+    return js_divergence(examples, anchors)
+
+
+def masked_layer_mean(divergences: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean over weighted rows of `[batch, layers]` divergences, per layer, and its mean over layers."""
+    per_layer = (divergences * weights[:, None]).sum(dim=0) / weights.sum().clamp_min(1.0)
+    return per_layer.mean(), per_layer
+
+
 def sara_alignment_loss(
     distributions: torch.Tensor,
     anchor_distributions: torch.Tensor,
@@ -126,22 +160,12 @@ def sara_alignment_loss(
         if has_anchor.shape != (batch_size,):
             raise ValueError(f"`has_anchor` must have shape [{batch_size}], got {tuple(has_anchor.shape)}.")
         weights = has_anchor.to(device=distributions.device, dtype=torch.float32)
-
     selected = resolve_layers(layers, num_layers)
-    index = torch.tensor(selected, device=distributions.device)
-    anchors = anchor_distributions.detach().index_select(1, index)
     if check_anchors:
-        anchored = weights.bool().cpu()
+        anchored = weights.bool()
         check_distributions(
-            anchors[weights.bool()], "`anchor_distributions`", row_names=torch.arange(batch_size)[anchored].tolist()
+            anchor_distributions.detach()[:, selected][anchored],
+            "`anchor_distributions`",
+            row_names=torch.arange(batch_size)[anchored.cpu()].tolist(),
         )
-    # Rows without an anchor may hold zeros or garbage: replace them by the example itself, so their divergence is a
-    # finite 0 that the mask removes without NaN leaking into the gradient.
-    anchors = torch.where(
-        weights.bool()[:, None, None], anchors.float(), distributions.detach().index_select(1, index).float()
-    )
-    divergences = js_divergence(distributions.index_select(1, index), anchors)  # [batch, n_selected_layers]
-
-    num_anchored = weights.sum()
-    per_layer = (divergences * weights[:, None]).sum(dim=0) / num_anchored.clamp_min(1.0)
-    return per_layer.mean(), per_layer
+    return masked_layer_mean(alignment_divergences(distributions, anchor_distributions, weights, selected), weights)

@@ -15,7 +15,7 @@ def router_probabilities(scores: torch.Tensor, scoring: str) -> torch.Tensor:
     """
     Turns what a router outputs into a probability distribution over experts, in fp32.
 
-    The rule follows the family's own routing function (see [`hf_sara.families.scoring_function`]):
+    The rule follows the family's own routing function (see [`hf_sara.routing.families.scoring_function`]):
 
     - `"softmax"` routers (Mixtral, Qwen-MoE, OLMoE, ...): the full softmax of the logits over all experts, not the
       renormalised top-k weights.

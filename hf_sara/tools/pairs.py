@@ -2,31 +2,36 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
+import random
 from collections.abc import Iterable
 
-from .files import atomic_write
+from datasets import Dataset
 
-
-def _read_text(path: str, newline: str | None = None) -> str:
-    try:
-        with open(path, encoding="utf-8-sig", newline=newline) as handle:  # -sig: a leading byte-order mark is dropped
-            return handle.read()
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"{path} is not UTF-8 text (byte {error.start}: {error.reason}). Convert it to UTF-8 first."
-        ) from None
+from ..files import atomic_write, read_records, read_text
+from ..training.paired_data import (
+    DEFAULT_ANCHOR_PREFIX,
+    LANGUAGE_COLUMN,
+    PROMPT_COMPLETION_FIELDS,
+    TEXT_FIELD,
+    anchored_rows,
+    detect_paired_format,
+)
 
 
 def _read_lines(path: str) -> list[str]:
-    return _read_text(path).splitlines()
+    return read_text(path).splitlines()
 
 
-def pairs_from_aligned_files(
-    source: str, anchor: str, language: str, anchor_language: str = "en"
-) -> list[dict[str, str | None]]:
+def _text_pair(language: str, text: str, anchor: str | None) -> dict[str, str | None]:
+    return {LANGUAGE_COLUMN: language, TEXT_FIELD: text, DEFAULT_ANCHOR_PREFIX + TEXT_FIELD: anchor}
+
+
+def _is_prompt_completion(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(value.get(name), str) for name in PROMPT_COMPLETION_FIELDS)
+
+
+def pairs_from_aligned_files(source: str, anchor: str, language: str) -> list[dict[str, str | None]]:
     """
     Text pairs from two line-aligned files: line `i` of `source` (the low-resource language) translates line `i` of
     `anchor`. Empty anchor lines give rows without anchor.
@@ -46,38 +51,8 @@ def pairs_from_aligned_files(
     for number, (text, anchor_text) in enumerate(zip(sources, anchors, strict=True), start=1):
         if not text.strip():
             raise ValueError(f"{source}, line {number}: the example is empty. Remove the line from both files.")
-        rows.append({"language": language, "text": text, "anchor_text": anchor_text or None})
+        rows.append(_text_pair(language, text, anchor_text or None))
     return rows
-
-
-def _records(path: str) -> list[dict]:
-    if path.endswith((".tsv", ".csv")):
-        text = _read_text(path, newline="")
-        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.endswith(".tsv") else ","))
-    if path.endswith((".jsonl", ".json")):
-        text = _read_text(path)
-        if path.endswith(".json") and text.lstrip().startswith("["):
-            try:
-                records = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}).") from None
-            numbered = list(enumerate(records, start=1))
-        else:
-            numbered = []
-            for number, line in enumerate(text.splitlines(), start=1):
-                if line.strip():
-                    try:
-                        numbered.append((number, json.loads(line)))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-        for number, record in numbered:
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}, item {number}: expected a JSON object with one key per language, got "
-                    f"{type(record).__name__}."
-                )
-        return [record for _, record in numbered]
-    raise ValueError(f"Cannot read {path}: expected a .tsv, .csv, .jsonl or .json file.")
 
 
 def pairs_from_multilingual(
@@ -93,7 +68,7 @@ def pairs_from_multilingual(
     Raises:
         `ValueError`: naming the row, when the anchor language column is missing or a value has the wrong form.
     """
-    records = _records(path)
+    records = read_records(path)
     if not records:
         raise ValueError(f"{path} holds no rows.")
     columns = list(dict.fromkeys(column for record in records for column in record))  # every record's, in order
@@ -118,41 +93,36 @@ def pairs_from_multilingual(
             if value in (None, ""):
                 continue
             if isinstance(value, dict):
-                if not {"prompt", "completion"} <= set(value) or not all(
-                    isinstance(value[key], str) for key in ("prompt", "completion")
-                ):
+                if not _is_prompt_completion(value):
                     raise ValueError(
                         f"{path}, row {number}, {language}: expected an object with a text prompt and completion."
                     )
-                if anchor is not None and not (
-                    isinstance(anchor, dict)
-                    and {"prompt", "completion"} <= set(anchor)
-                    and all(isinstance(anchor[key], str) for key in ("prompt", "completion"))
-                ):
+                if anchor is not None and not _is_prompt_completion(anchor):
                     raise ValueError(
                         f"{path}, row {number}: the {language} item has prompt/completion but the "
                         f"{anchor_language} anchor does not."
                     )
                 rows.append(
                     {
-                        "language": language,
-                        "prompt": value["prompt"],
-                        "completion": value["completion"],
-                        "anchor_prompt": anchor["prompt"] if anchor else None,
-                        "anchor_completion": anchor["completion"] if anchor else None,
+                        LANGUAGE_COLUMN: language,
+                        **{name: value[name] for name in PROMPT_COMPLETION_FIELDS},
+                        **{
+                            DEFAULT_ANCHOR_PREFIX + name: anchor[name] if anchor else None
+                            for name in PROMPT_COMPLETION_FIELDS
+                        },
                     }
                 )
             elif isinstance(value, str):
                 if anchor is not None and not isinstance(anchor, str):
                     raise ValueError(f"{path}, row {number}: the {language} text has a non-text anchor.")
-                rows.append({"language": language, "text": value, "anchor_text": anchor or None})
+                rows.append(_text_pair(language, value, anchor or None))
             else:
                 raise ValueError(f"{path}, row {number}, {language}: expected a text or a prompt/completion object.")
     if not rows:
         raise ValueError(f"{path} holds no item in {targets}: there is no pair to write.")
-    formats = {"text" if "text" in row else "prompt/completion" for row in rows}
+    formats = {"text" if TEXT_FIELD in row else "prompt/completion" for row in rows}
     if len(formats) > 1:
-        first = next(index for index, row in enumerate(rows) if ("text" in row) != ("text" in rows[0]))
+        first = next(index for index, row in enumerate(rows) if (TEXT_FIELD in row) != (TEXT_FIELD in rows[0]))
         raise ValueError(
             f"{path} mixes texts and prompt/completion objects (pair {first + 1} differs from pair 1): a dataset "
             "holds one format. Split the file by format."
@@ -165,3 +135,24 @@ def write_jsonl(rows: list[dict], path: str) -> None:
     with atomic_write(path) as temporary, open(temporary, "w", encoding="utf-8") as output:
         for row in rows:
             output.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def split_by_item(dataset: Dataset, held_out: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Splits pairs so that all translations of one anchor fall on the same side (no leak across languages)."""
+    # Keyed by the anchor's first column (its prompt, or its text): the same for every translation of one item.
+    anchor_texts = dataset[detect_paired_format(dataset.column_names).anchor_columns[0]]
+    anchors = sorted(set(anchor_texts))
+    random.Random(seed).shuffle(anchors)
+    test_anchors = set(anchors[: max(1, int(len(anchors) * held_out))])
+    is_test = [anchor in test_anchors for anchor in anchor_texts]
+    train = dataset.select([i for i, flag in enumerate(is_test) if not flag])
+    test = dataset.select([i for i, flag in enumerate(is_test) if flag])
+    return train, test
+
+
+def count_anchored(rows: list[dict]) -> int:
+    """How many of the pair rows have an anchor, read as the trainer reads the paired format."""
+    if not rows:
+        return 0
+    dataset = Dataset.from_list(rows)
+    return sum(anchored_rows(dataset, detect_paired_format(dataset.column_names)))

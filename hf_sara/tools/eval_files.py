@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..files import package_data_path, read_records
+
 ANSWER_LETTERS = ("A", "B", "C", "D")
-EVAL_DATA_DIR = os.path.join(os.path.dirname(__file__), "data", "eval")
+EVAL_DATA_DIR = package_data_path("data", "eval")
 
 
 @dataclass(frozen=True)
@@ -46,32 +47,12 @@ def read_rows(path: str) -> list[dict[str, Any]]:
     """Reads a `.jsonl`, `.json` (a list of objects) or `.csv`/`.tsv` file into a list of dicts."""
     if not os.path.isfile(path):
         raise EvalFileError(f"evaluation file {path} not found")
-    extension = path.rsplit(".", 1)[-1].lower()
-    with open(path, encoding="utf-8-sig") as handle:  # -sig: drops the byte-order mark spreadsheets write
-        if extension == "jsonl":
-            rows = []
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise EvalFileError(f"{path}, row {line_number}: not valid JSON ({error.msg})") from None
-        elif extension == "json":
-            rows = json.load(handle)
-            if not isinstance(rows, list):
-                raise EvalFileError(f"{path}: expected a JSON list of objects, one per question")
-        elif extension in ("csv", "tsv"):
-            import csv
-
-            rows = list(csv.DictReader(handle, delimiter="\t" if extension == "tsv" else ","))
-        else:
-            raise EvalFileError(f"cannot read {path}: expected a .jsonl, .json, .csv or .tsv file")
+    try:
+        rows = read_records(path)
+    except ValueError as error:
+        raise EvalFileError(str(error)) from None
     if not rows:
         raise EvalFileError(f"{path} has no questions")
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise EvalFileError(f"{path}, row {number}: expected an object with named columns")
     return rows
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import SFTConfig
 
-from .layers import DEFAULT_LAYERS
+from ..routing.layers import DEFAULT_LAYERS
 
 ANCHOR_MODES = ("offline", "online")
 POOLING_MODES = ("all", "prompt", "completion")

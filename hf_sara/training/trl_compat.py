@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from torch import nn
 from transformers import PreTrainedModel
 
-from .families import num_experts
+from ..routing.families import num_experts
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:

@@ -8,11 +8,10 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from .data import ROW_COLUMN, TOKEN_ROWS_COLUMN
+from .paired_data import ROW_COLUMN, TOKEN_ROWS_COLUMN
 
-SEQUENCE_IDS_KEY = "sara_sequence_ids"
+ROW_IDS_KEY = "sara_row_ids"  # [batch, seq_len]: the global row id of every token, -1 for padding
 ANCHOR_KEY_PREFIX = "sara_anchor__"  # anchor batch tensors, e.g. "sara_anchor__input_ids"
-ANCHOR_SEQUENCE_IDS_KEY = ANCHOR_KEY_PREFIX + SEQUENCE_IDS_KEY
 
 
 class AnchorStore:
@@ -64,7 +63,7 @@ class AnchorStore:
         return self.tables[name][position]
 
 
-def _sequence_ids(rows: list[list[int]], width: int, padding_free: bool) -> torch.Tensor:
+def _row_ids(rows: list[list[int]], width: int, padding_free: bool) -> torch.Tensor:
     """Per-token row ids laid out like the collator lays out `input_ids` (right padding, -1 for padding)."""
     if padding_free:
         flat = [row for sequence in rows for row in sequence]
@@ -83,10 +82,10 @@ class SARADataCollator:
 
     For each batch it adds:
 
-    - `sara_sequence_ids` (`[batch, seq_len]`): the global row id of every token, -1 for padding, laid out like
+    - `sara_row_ids` (`[batch, seq_len]`): the global row id of every token, -1 for padding, laid out like
       `input_ids` (for padding-free and packed batches, runs of equal ids are the sequences);
     - with `collate_anchors=True`, the batch of the examples' anchors, collated by the same collator, under keys
-      `sara_anchor__<name>` (including their own `sara_anchor__sara_sequence_ids`).
+      `sara_anchor__<name>` (including their own `sara_anchor__sara_row_ids`).
 
     Args:
         collator (`Callable`):
@@ -110,12 +109,13 @@ class SARADataCollator:
             return [list(example[TOKEN_ROWS_COLUMN]) for example in examples]
         return [[example[ROW_COLUMN]] * len(example["input_ids"]) for example in examples]
 
-    def _collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    def collate_with_row_ids(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """The wrapped collator's batch of `examples` (prepared rows), plus their `sara_row_ids`."""
         token_rows = self._token_rows(examples)
         ours = (ROW_COLUMN, TOKEN_ROWS_COLUMN)
         stripped = [{key: value for key, value in example.items() if key not in ours} for example in examples]
         batch = self.collator(stripped)
-        batch[SEQUENCE_IDS_KEY] = _sequence_ids(token_rows, batch["input_ids"].shape[1], self.padding_free)
+        batch[ROW_IDS_KEY] = _row_ids(token_rows, batch["input_ids"].shape[1], self.padding_free)
         return batch
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -124,11 +124,11 @@ class SARADataCollator:
                 f"SARADataCollator got examples without a `{ROW_COLUMN}` column: the dataset was not prepared by "
                 "SARATrainer (do not pass `dataset_kwargs={'skip_prepare_dataset': True}` with SARA)."
             )
-        batch = self._collate(examples)
+        batch = self.collate_with_row_ids(examples)
         if self.collate_anchors:
-            rows = sorted(set(batch[SEQUENCE_IDS_KEY][batch[SEQUENCE_IDS_KEY] >= 0].tolist()))
+            rows = sorted(set(batch[ROW_IDS_KEY][batch[ROW_IDS_KEY] >= 0].tolist()))
             anchors = [self.store.anchor(row) for row in rows if self.store.has_anchor(row)]
             if anchors:
-                anchor_batch = self._collate(anchors)
+                anchor_batch = self.collate_with_row_ids(anchors)
                 batch.update({ANCHOR_KEY_PREFIX + key: value for key, value in anchor_batch.items()})
         return batch

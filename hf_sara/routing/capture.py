@@ -8,9 +8,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .distributed import has_sharded_parameters
-from .patching import RouterSite, get_routing_state
-from .routing import TokenSegments, pool_routing, pool_routing_from_router_input, token_segments
+from ..distributed import has_sharded_parameters
+from .discovery import RouterSite
+from .patching import RouterInput, get_routing_state
+from .pooling import TokenSegments, pool_routing, pool_routing_from_router_input, token_segments
 
 _REENTRANT_CHECKPOINT_ERROR = (
     "A router ran under torch.no_grad() inside a forward that was opened with gradients enabled: this is gradient "
@@ -58,13 +59,7 @@ class RoutingCapture:
         self.grad_enabled = torch.is_grad_enabled()
         self.recompute_router_logits = recompute_router_logits and self.grad_enabled
 
-    def record(
-        self,
-        layer: int,
-        scores: torch.Tensor,
-        site: RouterSite,
-        router_input: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-    ) -> None:
+    def record(self, layer: int, scores: torch.Tensor, site: RouterSite, router_input: RouterInput | None = None):
         """
         Pools one router's scores. With `router_input` (the `(input, weight, bias)` of a linear router whose scores
         are `F.linear(input, weight, bias)`), the backward recomputes the scores instead of keeping per-token

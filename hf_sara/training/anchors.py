@@ -18,16 +18,17 @@ from torch import nn
 from transformers.utils import logging
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from ..distributed import full_parameters, rank_batches
+from ..routing.capture import capture_routing
+from ..routing.discovery import PEFT_ADDED_PARAMETER_PARTS
+from ..routing.loss import check_distributions
+from ..routing.patching import get_routing_state
 from .anchor_file import AnchorFileWriter, MappedAnchorFile, read_header
-from .capture import capture_routing
-from .data import ROW_COLUMN
-from .distributed import full_parameters, rank_batches
-from .loss import check_distributions
-from .patching import get_routing_state
+from .paired_data import ROW_COLUMN
 
 logger = logging.get_logger(__name__)
 
-ANCHORS_FORMAT = "hf_sara.anchors/1"
+ANCHORS_FORMAT = "hf_sara.training.anchors/1"
 ANCHORS_FILE_NAME = "sara_anchors.safetensors"
 
 
@@ -63,7 +64,7 @@ def router_checksum(model: nn.Module) -> str:
     named = []
     for site in state.captured_sites:
         for name, parameter in sorted(model.get_submodule(site.name).named_parameters()):
-            if "lora_" not in name and "modules_to_save." not in name:
+            if not any(part in name for part in PEFT_ADDED_PARAMETER_PARTS):
                 named.append((name, parameter))
     digest = hashlib.sha256()
     with full_parameters([parameter for _, parameter in named]) as values:

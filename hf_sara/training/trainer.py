@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from typing import Any
 
 import torch
@@ -19,6 +20,13 @@ from transformers.utils import logging
 from trl import SFTTrainer
 from trl.data_utils import pack_dataset
 
+from ..distributed import forget_zero3_trace
+from ..files import checkpoint_weight_names, complete_checkpoint, directory_lock
+from ..routing.capture import capture_routing
+from ..routing.families import num_experts
+from ..routing.layers import resolve_layers
+from ..routing.loss import alignment_divergences, masked_layer_mean
+from ..routing.patching import get_routing_state, patch_model
 from .anchors import (
     ANCHORS_FILE_NAME,
     ANCHORS_FORMAT,
@@ -30,17 +38,17 @@ from .anchors import (
     router_checksum,
     stored_dataset_names,
 )
-from .capture import capture_routing
-from .collator import ANCHOR_KEY_PREFIX, SEQUENCE_IDS_KEY, AnchorStore, SARADataCollator
-from .compat import sft_trainer_compatibility
+from .collator import ANCHOR_KEY_PREFIX, ROW_IDS_KEY, AnchorStore, SARADataCollator
 from .config import SARAConfig
-from .data import LANGUAGE_COLUMN, ROW_COLUMN, TOKEN_ROWS_COLUMN, anchored_rows, detect_paired_format, split_pairs
-from .distributed import forget_zero3_trace
-from .families import num_experts
-from .files import checkpoint_weight_names, complete_checkpoint, directory_lock
-from .layers import resolve_layers
-from .loss import js_divergence, sara_alignment_loss
-from .patching import get_routing_state, patch_model
+from .paired_data import (
+    LANGUAGE_COLUMN,
+    ROW_COLUMN,
+    TOKEN_ROWS_COLUMN,
+    anchored_rows,
+    detect_paired_format,
+    split_pairs,
+)
+from .trl_compat import sft_trainer_compatibility
 
 logger = logging.get_logger(__name__)
 
@@ -175,8 +183,8 @@ class SARATrainer(SFTTrainer):
                 missing = set()
                 for start in range(0, len(dataset), chunk_size):
                     rows = list(dataset.select(range(start, min(start + chunk_size, len(dataset)))))
-                    batch = collator._collate(rows)
-                    row_ids = batch[SEQUENCE_IDS_KEY]
+                    batch = collator.collate_with_row_ids(rows)
+                    row_ids = batch[ROW_IDS_KEY]
                     pooled = pooling_token_mask(batch["labels"], self.args.sara_pooling) & (row_ids >= 0)
                     missing |= set(row_ids[row_ids >= 0].tolist()) - set(row_ids[pooled].tolist())
                 if missing:
@@ -192,10 +200,10 @@ class SARATrainer(SFTTrainer):
     def _check_user_patch(self) -> None:
         """Refuses a model that the user patched with a subset of the MoE layers, rather than replacing the patch."""
         state = get_routing_state(self.model)
-        if state is not None and len(state.captured_layers) != state.num_moe_layers:
+        if state is not None and len(state.captured_layers) != len(state.sites):
             raise ValueError(
                 f"The model was patched with `patch_model(model, layers=...)` capturing MoE layers "
-                f"{state.captured_layers} of {state.num_moe_layers}, but SARATrainer captures every MoE layer (its "
+                f"{state.captured_layers} of {len(state.sites)}, but SARATrainer captures every MoE layer (its "
                 "offline anchors hold them all) and aligns the ones `sara_layers` selects. Patch it with all layers "
                 f"(`patch_model(model)`, the default), and set `sara_layers` (e.g. "
                 f"'{','.join(str(layer) for layer in state.captured_layers)}') to choose the aligned layers."
@@ -456,13 +464,23 @@ class SARATrainer(SFTTrainer):
             self._ensure_offline_anchors(create_anchor_path=True)
         return self._sara_offline
 
-    def compute_anchor_distributions(self) -> torch.Tensor:
+    def train_anchor_table(self) -> torch.Tensor:
         """
         Computes (or loads from the cache) the offline anchors of the train dataset with the model as it is now, and
         returns them, `[n_rows, n_moe_layers, n_experts]` (zeros for rows without an anchor). It reads the whole table
         into memory; training looks up only each batch's rows.
         """
         return self.offline_anchors.table(next(iter(self._sara_store.offsets)))
+
+    def compute_anchor_distributions(self) -> torch.Tensor:
+        """Deprecated name of [`~SARATrainer.train_anchor_table`] (the function of that name takes a model)."""
+        warnings.warn(
+            "`SARATrainer.compute_anchor_distributions()` is now `train_anchor_table()`; the old name will be removed "
+            "later.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.train_anchor_table()
 
     # ----------------------------------------------------------------------------------------------------------------
     # Training
@@ -521,7 +539,7 @@ class SARATrainer(SFTTrainer):
         with sft_trainer_compatibility(self.model):
             return super().evaluate(*args, **kwargs)
 
-    def sara_weight(self) -> float:
+    def current_sara_weight(self) -> float:
         """The alignment weight at the current step, after the optional linear warm-up (`sara_warmup_ratio`)."""
         weight = self.args.sara_weight
         if self.args.sara_warmup_ratio > 0 and self.state.max_steps > 0:
@@ -534,7 +552,7 @@ class SARATrainer(SFTTrainer):
         """Routing of the batch's anchors (detached), their row ids, and their SFT loss when `with_sft`."""
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # the anchors' gradients (if any) reach the parameters in the same backward
-        sequence_ids = anchor_inputs.pop(SEQUENCE_IDS_KEY)
+        sequence_ids = anchor_inputs.pop(ROW_IDS_KEY)
         labels = anchor_inputs.get("labels")
         token_mask = pooling_token_mask(labels, self.args.sara_pooling)
         shape = anchor_inputs["input_ids"].shape
@@ -575,7 +593,7 @@ class SARATrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        sequence_ids = inputs.pop(SEQUENCE_IDS_KEY)
+        sequence_ids = inputs.pop(ROW_IDS_KEY)
         anchor_inputs = {}
         for key in [key for key in inputs if key.startswith(ANCHOR_KEY_PREFIX)]:
             anchor_inputs[key[len(ANCHOR_KEY_PREFIX) :]] = inputs.pop(key)
@@ -592,10 +610,10 @@ class SARATrainer(SFTTrainer):
 
         anchors, has_anchor, anchor_sft_loss = self._anchor_targets(model, rows, anchor_inputs, distributions.shape)
         # The anchors are distributions by construction (the capture's, or checked where the offline file is read).
-        alignment_loss, per_layer = sara_alignment_loss(
-            distributions, anchors, has_anchor, self._sara_layer_indices, check_anchors=False
-        )
-        weight = self.sara_weight() if mode == "train" else self.args.sara_weight
+        anchored = has_anchor.float()
+        divergences = alignment_divergences(distributions, anchors, anchored, self._sara_layer_indices)
+        alignment_loss, _ = masked_layer_mean(divergences, anchored)
+        weight = self.current_sara_weight() if mode == "train" else self.args.sara_weight
         extra = weight * alignment_loss
         if anchor_sft_loss is not None:
             extra = extra + self.args.anchor_sft_weight * anchor_sft_loss
@@ -603,7 +621,7 @@ class SARATrainer(SFTTrainer):
         # leaves gradient accumulation to the loss (it does when `num_items_in_batch` is given).
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None and mode == "train" else 1
         loss = loss + extra / steps
-        self._log_sara(mode, distributions, anchors, has_anchor, rows, weight, anchor_sft_loss)
+        self._log_sara(mode, divergences.detach(), anchored, rows, weight, anchor_sft_loss)
 
         if return_outputs:
             with torch.no_grad():
@@ -621,10 +639,10 @@ class SARATrainer(SFTTrainer):
         return cached[1]
 
     @torch.no_grad()
-    def _log_sara(self, mode, distributions, anchors, has_anchor, rows, weight, anchor_sft_loss) -> None:
+    def _log_sara(self, mode, divergences, mask, rows, weight, anchor_sft_loss) -> None:
+        """Logs the loss's own divergences (`[sequences, aligned layers]`), gathered over ranks: overall, per layer
+        and per language."""
         layers = self._sara_layer_indices
-        divergences = js_divergence(distributions.detach()[:, layers], anchors[:, layers])  # [sequences, layers]
-        mask = has_anchor.float()
         languages = self._language_of_row(rows.device)[rows]
         num_languages = len(self._sara_store.languages)
         one_hot = torch.zeros(rows.shape[0], num_languages + 1, device=rows.device)

@@ -1,0 +1,118 @@
+"""What every `hf-sara` subcommand shares: its error type, argument types, and how names on the command line become
+datasets, models and tokenizers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+class CommandError(Exception):
+    """An error the user can fix; reported as one line."""
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
+def batch_size(value: str) -> int | str:
+    return value if value == "auto" else positive_int(value)
+
+
+def device(value: str) -> str:
+    import torch
+
+    try:
+        torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    return value
+
+
+_DATA_FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt")
+_DATASET_BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "tsv": "csv"}
+
+
+def check_local_reference(name: str | None, what: str) -> None:
+    """A name written as a local path must exist (otherwise the Hub client reports an invalid repo id)."""
+    if name is None:
+        return
+    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.lower().endswith(_DATA_FILE_EXTENSIONS)
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise CommandError(f"{what} {name} not found: no such file or directory")
+
+
+def load_dataset_dict(name: str, config: str | None = None):
+    """A local `.jsonl`/`.json`/`.parquet`/`.csv`/`.tsv` file (as its `train` split) or a Hub dataset."""
+    from datasets import DatasetDict, load_dataset
+
+    if os.path.isfile(name):
+        extension = name.rsplit(".", 1)[-1].lower()
+        builder = _DATASET_BUILDERS.get(extension)
+        if builder is None:
+            raise CommandError(f"cannot read {name}: expected a .json, .jsonl, .parquet, .csv or .tsv file")
+        if os.path.getsize(name) == 0:
+            raise CommandError(f"{name} is empty: there is no row to read")
+        extra = {"delimiter": "\t"} if extension == "tsv" else {}
+        try:
+            dataset = load_dataset(builder, data_files=name, split="train", **extra)
+        except Exception as error:  # the builders raise many kinds (DatasetGenerationError, ArrowInvalid, ...)
+            cause = error.__cause__ or error
+            reason = " ".join(str(cause).split())[:300] or type(cause).__name__
+            raise CommandError(
+                f"cannot read {name} as a {builder.upper()} dataset ({reason}); each row must be one object with the "
+                "same columns (JSONL: one JSON object per line)"
+            ) from None
+        return DatasetDict({"train": dataset})
+    if os.path.exists(name) and not os.path.isdir(name):
+        raise CommandError(f"cannot read {name}")
+    return load_dataset(name, name=config)
+
+
+def load_split(name: str, split: str):
+    """One split of [`load_dataset_dict`]`(name)`, refused with the splits it has when it is not there."""
+    check_local_reference(name, "dataset")
+    dataset = load_dataset_dict(name)
+    if split not in dataset:
+        raise CommandError(f"{name} has no split {split!r} (it has {', '.join(dataset)}); pass one with --split")
+    return dataset[split]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, adapter_use: str) -> None:
+    """`--model` and `--adapter`, as the commands that compare a base model with its adapter take them."""
+    parser.add_argument("--model", required=True, help="model name or path (the base model when --adapter is given)")
+    parser.add_argument("--adapter", help=f"a PEFT adapter (name or path) to {adapter_use}")
+
+
+def check_model_references(args: argparse.Namespace) -> None:
+    """Refuses a `--model` or `--adapter` written as a local path that does not exist, before anything is loaded."""
+    check_local_reference(args.model, "model")
+    check_local_reference(args.adapter, "adapter")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def print_paths(paths: dict[str, str]) -> None:
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")

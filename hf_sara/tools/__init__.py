@@ -1,0 +1,1 @@
+"""Tools around training: building pairs, routing analysis, evaluation, reports, and the demo."""

@@ -1,0 +1,64 @@
+"""Reports: markdown and CSV tables, matplotlib figures drawn without touching the user's pyplot backend, and output
+folders written in one step."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+
+def markdown_table(rows: list[dict[str, object]]) -> str:
+    """A markdown table of `rows` (dicts with the same keys, in column order); floats with four decimals."""
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"{value:.4f}" if isinstance(value, float) else str(value) for value in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: str, rows: list[dict[str, object]]) -> None:
+    """Writes table rows (dicts with the same keys) as a CSV file with a header."""
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def new_figure(**kwargs: Any):
+    """
+    A `matplotlib.figure.Figure`, not registered with pyplot: saving it renders with the file format's own canvas,
+    so the user's interactive backend (a notebook's, say) is left as it is, and nothing stays open afterwards.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            "The figures need matplotlib: `pip install 'hf_sara[analysis]'` (or `pip install matplotlib`)."
+        ) from None
+    return Figure(**kwargs)
+
+
+def write_into(output_dir: str, write: Callable[[str], dict[str, str]]) -> dict[str, str]:
+    """
+    Runs `write(folder)` on a temporary folder beside `output_dir` and moves the files it returns (by kind) into
+    `output_dir` only once it succeeded, so a failure leaves no partial report. Returns the final paths by kind.
+    """
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".hf-sara-")
+    try:
+        paths = write(staging)
+        os.makedirs(output_dir, exist_ok=True)
+        moved = {}
+        for kind, path in paths.items():
+            target = os.path.join(output_dir, os.path.relpath(path, staging))
+            os.replace(path, target)
+            moved[kind] = target
+        return moved
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

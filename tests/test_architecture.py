@@ -1,0 +1,56 @@
+"""The package's layout holds: lower layers never import higher ones, and no module imports another's private names."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "hf_sara"
+# What each part may import from hf_sara (besides itself): routing is the core, the CLI sits on top.
+ALLOWED = {
+    "routing": {"distributed"},
+    "training": {"routing", "distributed", "files"},
+    "tools": {"routing", "training", "distributed", "files", "testing"},
+    "cli": {"routing", "training", "tools", "files", "testing"},
+    "testing": {"files", "training"},
+}
+MODULES = sorted(path for path in PACKAGE.rglob("*.py"))
+
+
+def _part(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def _imports(path: Path):
+    """(absolute imported module, imported names) of every `import`/`from ... import` inside hf_sara."""
+    package = ".".join(("hf_sara", *path.relative_to(PACKAGE).with_suffix("").parts[:-1]))
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module == "hf_sara" or module.startswith("hf_sara."):
+                yield module, [alias.name for alias in node.names]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda path: str(path.relative_to(PACKAGE)))
+def test_no_private_names_cross_modules(path):
+    own = ".".join(("hf_sara", *path.relative_to(PACKAGE).with_suffix("").parts))
+    for module, names in _imports(path):
+        private = [name for name in names if name.startswith("_") and not name.startswith("__")]
+        assert not private or module == own, f"{own} imports private {private} from {module}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda path: str(path.relative_to(PACKAGE)))
+def test_layers_import_only_downwards(path):
+    relative = path.relative_to(PACKAGE).with_suffix("").parts
+    part = relative[0] if len(relative) > 1 else relative[0]
+    if part not in ALLOWED:
+        return  # the package root (public API, deprecated aliases) may import anything
+    for module, names in _imports(path):
+        imported = _part(module) or names[0]
+        targets = {imported} if _part(module) else {name for name in names}
+        for target in targets - {part}:
+            assert target in ALLOWED[part], f"hf_sara/{'/'.join(relative)}.py imports hf_sara.{target} ({module})"
