@@ -67,7 +67,7 @@ def main() -> None:
 
     # The tests' tiny Qwen3-MoE (4 layers, 8 experts, top-2), a little wider, without the load-balancing loss.
     base = patch_model(
-        tiny_model("qwen3_moe", args.seed, hidden_size=64, intermediate_size=128, router_aux_loss_coef=0)
+        tiny_model("qwen3_moe", args.seed, hidden_size=64, intermediate_size=128, router_aux_loss_coef=0.0)
     )
     generator = torch.Generator().manual_seed(args.seed)
     batches = [parallel_pairs(8, 16, generator) for _ in range(args.steps)]

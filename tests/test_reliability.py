@@ -472,7 +472,7 @@ class TestAdversarialFindings:
             (["--dtype", "foo"], "invalid choice"),
             (["--device", "bogus"], "is not a torch device"),
             (["--limit", "0"], "must be a positive number"),
-            (["--batch-size", "abc"], "invalid _batch_size value"),
+            (["--batch-size", "abc"], "invalid batch_size value"),
         ],
     )
     def test_eval_arguments_are_checked_before_anything_is_written(self, tmp_path, capsys, flags, message):
