@@ -7,7 +7,8 @@ from hf_sara import DEFAULT_LAYERS, resolve_layers
     "spec, num_layers, expected",
     [
         (None, 48, list(range(7, 35))),  # the published band of Qwen3-30B-A3B
-        (DEFAULT_LAYERS, 48, list(range(7, 35))),  # its fractions of depth land on the same layers
+        (DEFAULT_LAYERS, 48, list(range(7, 35))),  # "published": the same band
+        ("0.15-0.71", 48, list(range(7, 35))),  # rounded fractions of depth
         ("7-34", 48, list(range(7, 35))),
         ((7 / 48, 34 / 48), 48, list(range(7, 35))),
         ("all", 4, [0, 1, 2, 3]),

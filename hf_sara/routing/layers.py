@@ -8,7 +8,8 @@ from collections.abc import Iterable, Sequence
 # The published setup aligns decoder layers 7..34 (inclusive) of Qwen3-30B-A3B's 48 MoE layers. Expressed as fractions
 # of depth, so that it means the same middle band for a model of any depth.
 PUBLISHED_BAND = (7 / 48, 34 / 48)
-DEFAULT_LAYERS = "0.15-0.71"
+# The one default: the published band at any depth (`None` means the same). Layers round(7/48 * n) to round(34/48 * n).
+DEFAULT_LAYERS = "published"
 
 LayerSelection = str | int | float | Sequence[int] | tuple[float, float] | None
 
@@ -23,7 +24,7 @@ def _check_index(index: int, num_layers: int, spec: object) -> int:
         raise ValueError(
             f"Layer {index} in the layer selection {spec!r} is out of range: the model has {num_layers} MoE layers, "
             f"so indices go from 0 to {num_layers - 1}. Use indices in that range, an inclusive range such as "
-            f"'0-{num_layers - 1}', fractions of depth such as '0.15-0.71', or 'all'."
+            f"'0-{num_layers - 1}', fractions of depth such as '0.15-0.71', 'published' or 'all'."
         )
     return index
 
@@ -60,7 +61,7 @@ def _parse_part(part: str, num_layers: int, spec: object) -> Iterable[int]:
             raise
         raise ValueError(
             f"Cannot read {part!r} in the layer selection {spec!r}. Write layer indices ('7'), inclusive ranges "
-            "('7-34'), fractions of depth ('0.15-0.71'), comma-separated combinations of these, or 'all'."
+            "('7-34'), fractions of depth ('0.15-0.71'), comma-separated combinations of these, 'published' or 'all'."
         ) from None
     if start > end:
         raise ValueError(f"The range {part!r} in the layer selection {spec!r} ends before it starts.")
@@ -78,7 +79,8 @@ def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
 
     Args:
         layers (`str`, `int`, `Sequence[int]`, `tuple[float, float]` or `None`):
-            - `None`: the published band (layers 7..34 of 48, i.e. fractions `7/48` to `34/48` of depth).
+            - `"published"` ([`DEFAULT_LAYERS`]) or `None`: the published band, layers 7..34 of 48, i.e. layers
+              `round(7/48 * num_layers)` to `round(34/48 * num_layers)` at any depth.
             - `"all"`: every MoE layer.
             - an `int` or a sequence of `int`: those indices.
             - a string of comma-separated items, each an index (`"7"`), an inclusive range of indices (`"7-34"`), a
@@ -98,7 +100,7 @@ def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
     if num_layers <= 0:
         raise ValueError(f"Cannot select layers of a model with {num_layers} MoE layers.")
     spec = layers
-    if layers is None:
+    if layers is None or (isinstance(layers, str) and layers.strip().lower() == DEFAULT_LAYERS):
         start, end = PUBLISHED_BAND
         selected: Iterable[int] = range(_fraction_to_index(start, num_layers), _fraction_to_index(end, num_layers) + 1)
     elif isinstance(layers, bool):

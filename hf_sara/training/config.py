@@ -12,6 +12,7 @@ from ..routing.layers import DEFAULT_LAYERS
 
 ANCHOR_MODES = ("offline", "online")
 POOLING_MODES = ("all", "prompt", "completion")
+LOSS_REDUCTIONS = ("mean", "sum")
 
 
 @dataclass
@@ -28,10 +29,19 @@ class SARAConfig(SFTConfig):
         sara_weight (`float`, *optional*, defaults to `1.5`):
             Weight `lambda_SARA` of the Jensen-Shannon alignment loss added to the SFT loss (published: 1.5, swept
             0.5..2.0). With `0.0` the trainer trains exactly like `SFTTrainer` and only logs the divergence.
-        sara_layers (`str`, *optional*, defaults to `"0.15-0.71"`):
+        sara_layers (`str`, *optional*, defaults to `"published"`):
             The aligned MoE layers: indices (`"7,9"`), inclusive ranges (`"7-34"`), fractions of depth
-            (`"0.15-0.71"`), or `"all"`. Indices count MoE layers, not decoder layers. The default is the published
-            band, layers 7..34 of Qwen3-30B-A3B's 48, as fractions of depth.
+            (`"0.15-0.71"`), `"published"` or `"all"`. Indices count MoE layers, not decoder layers. The default,
+            `"published"`, is the published band at any depth: layers 7..34 of Qwen3-30B-A3B's 48, i.e.
+            `round(7/48 * n)..round(34/48 * n)` of `n` (the same as `sara_alignment_loss(layers=None)`).
+        sara_loss_reduction (`str`, *optional*, defaults to `"mean"`):
+            How the alignment term of the micro-batches and processes of one optimizer step is combined. `"mean"`
+            (the paper's formula): averaged, like the SFT loss, so `sara_weight` weighs the per-batch mean JS.
+            `"sum"`: summed over the gradient-accumulation steps and, with `average_tokens_across_devices=True`, over
+            the processes: `gradient_accumulation_steps x num_processes` times `"mean"`. The authors' released code
+            adds its term inside the model's forward, which transformers' `Trainer` neither divides by the
+            accumulation steps nor keeps from being multiplied by the number of processes: `"sum"` reproduces the
+            published runs' effective weight.
         sara_anchor_mode (`str`, *optional*, defaults to `"offline"`):
             `"offline"`: the anchors' routing is computed once, with the model as it is before training, and cached
             (as published). `"online"`: it is recomputed with the current model at each step, without gradient.
@@ -64,8 +74,18 @@ class SARAConfig(SFTConfig):
         default=DEFAULT_LAYERS,
         metadata={
             "help": "The aligned MoE layers: indices ('7,9'), inclusive ranges ('7-34'), fractions of depth "
-            "('0.15-0.71'), or 'all'. Indices count MoE layers, not decoder layers. The default is the published "
-            "band, layers 7..34 of Qwen3-30B-A3B's 48, as fractions of depth."
+            "('0.15-0.71'), 'published' or 'all'. Indices count MoE layers, not decoder layers. The default, "
+            "'published', is the published band at any depth: layers 7..34 of 48, round(7/48*n)..round(34/48*n) of n."
+        },
+    )
+    sara_loss_reduction: str = field(
+        default="mean",
+        metadata={
+            "help": "How the alignment term of the micro-batches and processes of one optimizer step is combined. "
+            "'mean' (the paper's formula): averaged, like the SFT loss. 'sum': summed over the gradient-accumulation "
+            "steps and, with average_tokens_across_devices, over the processes, i.e. GA x processes times 'mean': "
+            "what the authors' released code effectively did in the published runs.",
+            "choices": list(LOSS_REDUCTIONS),
         },
     )
     sara_anchor_mode: str = field(
@@ -135,6 +155,10 @@ class SARAConfig(SFTConfig):
             raise ValueError(f"`sara_weight` must be >= 0, got {self.sara_weight}.")
         if self.sara_anchor_mode not in ANCHOR_MODES:
             raise ValueError(f"`sara_anchor_mode` must be one of {ANCHOR_MODES}, got {self.sara_anchor_mode!r}.")
+        if self.sara_loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(
+                f"`sara_loss_reduction` must be one of {LOSS_REDUCTIONS}, got {self.sara_loss_reduction!r}."
+            )
         if self.sara_pooling not in POOLING_MODES:
             raise ValueError(f"`sara_pooling` must be one of {POOLING_MODES}, got {self.sara_pooling!r}.")
         if not 0.0 <= self.sara_warmup_ratio <= 1.0:

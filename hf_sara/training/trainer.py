@@ -548,6 +548,18 @@ class SARATrainer(SFTTrainer):
             weight *= min(1.0, (self.state.global_step + 1) / warmup_steps)
         return weight
 
+    def _alignment_scale(self, mode: str) -> float:
+        """
+        1 for `sara_loss_reduction="mean"`. For `"sum"`, the factor that turns the mean over the micro-batches and
+        processes of one optimizer step into their sum, as the authors' released code weighted its term: the
+        accumulation steps, times the number of processes when `average_tokens_across_devices` (as `Trainer` scales
+        losses that models normalise themselves).
+        """
+        if self.args.sara_loss_reduction == "mean" or mode != "train":
+            return 1.0
+        processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return float(self.current_gradient_accumulation_steps * processes)
+
     def _forward_anchors(self, model: nn.Module, anchor_inputs: dict[str, Any], with_sft: bool):
         """Routing of the batch's anchors (detached), their row ids, and their SFT loss when `with_sft`."""
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -614,7 +626,7 @@ class SARATrainer(SFTTrainer):
         divergences = alignment_divergences(distributions, anchors, anchored, self._sara_layer_indices)
         alignment_loss, _ = masked_layer_mean(divergences, anchored)
         weight = self.current_sara_weight() if mode == "train" else self.args.sara_weight
-        extra = weight * alignment_loss
+        extra = weight * self._alignment_scale(mode) * alignment_loss
         if anchor_sft_loss is not None:
             extra = extra + self.args.anchor_sft_weight * anchor_sft_loss
         # Like SFTTrainer's aux loss: a per-micro-batch mean, averaged over the accumulation steps when `Trainer`

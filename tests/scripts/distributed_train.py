@@ -47,6 +47,10 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=4, help="rows per anchor forward")
     parser.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every N steps (0: never)")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUTPUT_DIR")
+    parser.add_argument("--sara-weight", type=float, default=1.5)
+    parser.add_argument("--loss-reduction", default="mean", help="sara_loss_reduction")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--linear-update", action="store_true", help="no clipping, constant rate: updates add up")
     options = parser.parse_args()
     if os.environ.get("ACCELERATE_USE_FSDP", "false") == "true":
         open_the_fsdp_gate_on_cpu()
@@ -69,6 +73,10 @@ def main() -> None:
         per_device_eval_batch_size=options.eval_batch_size,
         save_strategy="steps" if options.save_steps else "no",
         save_steps=options.save_steps or 500,
+        sara_weight=options.sara_weight,
+        sara_loss_reduction=options.loss_reduction,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        **(dict(max_grad_norm=0.0, lr_scheduler_type="constant") if options.linear_update else {}),
     )
     model = AutoModelForCausalLM.from_pretrained(options.model_dir)  # after the arguments, as `hf-sara train` does
     trainer = SARATrainer(
