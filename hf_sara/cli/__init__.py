@@ -1,5 +1,5 @@
-"""The `hf-sara` command line: train, anchors, analyze, pairs, demo, eval. One module per subcommand (arguments and
-printing only); the work is done by `hf_sara.training` and `hf_sara.tools`."""
+"""The `hf-sara` command line: train, anchors, analyze, pairs, demo, eval, replicate. One module per subcommand
+(arguments and printing only); the work is done by `hf_sara.training` and `hf_sara.tools`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from .common import CommandError
 from .demo import demo_command
 from .eval import eval_command
 from .pairs import pairs_command
+from .replicate import replicate_command
 from .train import anchors_command, train_command
 
 USAGE = """hf-sara <command> [options]
@@ -25,6 +26,8 @@ commands:
   demo      the main job on the embedded default, offline: SFT vs SARA on a tiny MoE, with the analysis
   eval      accuracy per language through lm-evaluation-harness (harness tasks or local Global-MMLU/M3KE files),
             for a model or a base/adapter pair: a markdown and CSV table and a bar chart
+  replicate the published comparison (full fine-tuning, SARA, SARA on all layers), evaluated per language beside
+            the paper's numbers, with the routing analysis; resumable (`--tiny`: an offline smoke run)
 
 Run `hf-sara <command> --help` for the options of a command.
 """
@@ -37,6 +40,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "pairs": pairs_command,
     "demo": demo_command,
     "eval": eval_command,
+    "replicate": replicate_command,
 }
 
 

@@ -394,6 +394,8 @@ class EvalSettings:
         apply_chat_template (`bool`): format prompts with the chat template.
         use_cache (`bool`): keep the harness's response cache under `<output_dir>/lm_eval_cache`.
         trust_remote_code (`bool`): passed to `from_pretrained`.
+        device_map (`str`, *optional*): passed to `from_pretrained` (e.g. `"auto"` to spread a model that does not
+            fit one GPU over all of them); `device` is then ignored.
     """
 
     num_fewshot: int | None = None
@@ -405,6 +407,7 @@ class EvalSettings:
     apply_chat_template: bool = False
     use_cache: bool = True
     trust_remote_code: bool = False
+    device_map: str | None = None
 
 
 def evaluate_and_report(
@@ -452,8 +455,10 @@ def _evaluate_and_report(model_name, adapter, sources, output_dir, tasks_dir, ta
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = settings.dtype if settings.dtype == "auto" else getattr(torch, settings.dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        model_name, dtype=dtype, trust_remote_code=settings.trust_remote_code
-    ).to(device)
+        model_name, dtype=dtype, trust_remote_code=settings.trust_remote_code, device_map=settings.device_map
+    )
+    if settings.device_map is None:
+        model = model.to(device)
     model.eval()
     tokenizer = load_tokenizer(model_name, adapter, trust_remote_code=settings.trust_remote_code)
 

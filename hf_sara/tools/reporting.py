@@ -11,12 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 
-def markdown_table(rows: list[dict[str, object]]) -> str:
+def markdown_table(rows: list[dict[str, object]], float_format: str = ".4f") -> str:
     """A markdown table of `rows` (dicts with the same keys, in column order); floats with four decimals."""
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [f"{value:.4f}" if isinstance(value, float) else str(value) for value in row.values()]
+        cells = [format(value, float_format) if isinstance(value, float) else str(value) for value in row.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

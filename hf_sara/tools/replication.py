@@ -1,0 +1,269 @@
+"""The published comparison, end to end: full fine-tuning with plain SFT, SARA on the middle band and SARA on all
+layers (the ablation), from the same base, data, seed and budget; each arm and the base model evaluated per language,
+one table beside the paper's numbers, and the routing analysis. Every finished step is kept: a rerun skips it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from ..files import atomic_write
+from ..routing.layers import DEFAULT_LAYERS, resolve_layers
+from ..routing.patching import patch_model
+from ..training.config import SARAConfig
+from ..training.paired_data import detect_paired_format
+from ..training.trainer import SARATrainer
+from .analysis import RoutingReport, analyze_routing, write_report
+from .evaluation import EvalSettings, evaluate_and_report, parse_sources
+from .reporting import markdown_table, write_csv
+
+BASE = "base"
+# The trained arms: plain SFT (TRL's SFTTrainer, no alignment), SARA on the published band, SARA on every layer.
+ARMS: dict[str, dict[str, Any] | None] = {
+    "full_ft": None,
+    "sara": {"sara_layers": DEFAULT_LAYERS},
+    "sara_all_layers": {"sara_layers": "all"},
+}
+PUBLISHED_LANGUAGES = ("hi", "ne", "bn", "te", "sw")
+_FLORES = {"hi": "hin_Deva", "ne": "npi_Deva", "bn": "ben_Beng", "te": "tel_Telu", "sw": "swh_Latn"}
+_MGSM_LANGUAGES = ("bn", "te", "sw")  # MGSM has no Hindi or Nepali
+# Qwen3-30B-A3B, mean accuracy (%) over hi, ne, bn, te, sw, as published (the all-layers ablation: Global-MMLU only).
+PAPER_RESULTS: dict[str, dict[str, float]] = {
+    "global_mmlu": {"full_ft": 70.73, "sara": 71.53, "sara_all_layers": 67.40},
+    "belebele": {"full_ft": 82.95, "sara": 83.09},
+    "mgsm": {"full_ft": 87.20, "sara": 87.40},
+}
+COMPLETE_FILE_NAME = "arm_complete.json"
+SCORES_FILE_NAME = "scores.json"
+ANALYSED_FILE_NAME = "analysed.json"
+
+
+def published_benchmarks(languages: Sequence[str] = PUBLISHED_LANGUAGES) -> dict[str, list[str]]:
+    """The paper's harness tasks per benchmark, as `LANG=TASK`: Global-MMLU (full), BELEBELE and MGSM (direct)."""
+    return {
+        "global_mmlu": [f"{language}=global_mmlu_full_{language}" for language in languages],
+        "belebele": [f"{language}=belebele_{_FLORES[language]}" for language in languages if language in _FLORES],
+        "mgsm": [f"{language}=mgsm_direct_{language}" for language in languages if language in _MGSM_LANGUAGES],
+    }
+
+
+def parse_benchmarks(specs: Sequence[str]) -> dict[str, list[str]]:
+    """`BENCHMARK:LANG=TASK_OR_FILE` specifications, grouped by benchmark (a local file is told by its existence)."""
+    benchmarks: dict[str, list[str]] = {}
+    for spec in specs:
+        benchmark, separator, source = spec.partition(":")
+        if not separator or not benchmark or "=" not in source:
+            raise ValueError(
+                f"Cannot read the benchmark {spec!r}: write BENCHMARK:LANG=TASK or BENCHMARK:LANG=FILE, e.g. "
+                "global_mmlu:sw=global_mmlu_full_sw or belebele:sw=my_belebele_sw.jsonl."
+            )
+        benchmarks.setdefault(benchmark, []).append(source)
+    return benchmarks
+
+
+def _sft_config(args: SARAConfig) -> SFTConfig:
+    """The same training settings without SARA's, for TRL's plain `SFTTrainer`."""
+    names = {field.name for field in dataclasses.fields(SFTConfig) if field.init}
+    return SFTConfig(**{name: getattr(args, name) for name in names})
+
+
+class Replication:
+    """
+    The published comparison in `output_dir`: `<arm>/model` (the trained model and tokenizer), `<arm>/run`
+    (checkpoints), `eval/<model>/<benchmark>/` (the harness's report and `scores.json`), `analysis/` (routing figures)
+    and `replication.md` / `.csv`.
+
+    Args:
+        output_dir (`str`): the root folder.
+        model_name (`str`): the base model (name or path), loaded afresh for every arm.
+        train_dataset ([`~datasets.Dataset`]): the paired training data; the SFT arm trains on its examples only.
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]): the base model's tokenizer.
+        training_args ([`SARAConfig`]): the shared training settings (the published ones: see the recipe).
+        benchmarks (`dict[str, list[str]]`): per benchmark, `LANG=TASK` or `LANG=FILE` sources for `hf-sara eval`.
+        eval_settings ([`EvalSettings`]): how the models are evaluated.
+        analysis_pairs ([`~datasets.Dataset`], *optional*): plain-text pairs for the routing analysis.
+        model_kwargs (`dict`, *optional*): passed to `from_pretrained` when an arm loads the base model.
+        log (`Callable[[str], None]`, *optional*): where progress goes.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        model_name: str,
+        train_dataset: Dataset,
+        tokenizer: PreTrainedTokenizerBase,
+        training_args: SARAConfig,
+        benchmarks: Mapping[str, list[str]],
+        eval_settings: EvalSettings,
+        analysis_pairs: Dataset | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        detect_paired_format(train_dataset.column_names, training_args.anchor_prefix, training_args.dataset_text_field)
+        for benchmark, specs in benchmarks.items():
+            parse_sources([spec for spec in specs if not _is_file(spec)], [spec for spec in specs if _is_file(spec)])
+            if not specs:
+                raise ValueError(f"The benchmark {benchmark!r} has no source.")
+        self.output_dir = output_dir
+        self.model_name = model_name
+        self.train_dataset = train_dataset
+        self.tokenizer = tokenizer
+        self.training_args = training_args
+        self.benchmarks = dict(benchmarks)
+        self.eval_settings = eval_settings
+        self.analysis_pairs = analysis_pairs
+        self.model_kwargs = model_kwargs or {}
+        self.log = log
+
+    # Training ---------------------------------------------------------------------------------------------------
+
+    def model_dir(self, arm: str) -> str:
+        return self.model_name if arm == BASE else os.path.join(self.output_dir, arm, "model")
+
+    def is_trained(self, arm: str) -> bool:
+        return os.path.isfile(os.path.join(self.output_dir, arm, COMPLETE_FILE_NAME))
+
+    def train(self, arm: str) -> None:
+        """Trains one arm from the base model and saves it, unless a finished run of it is there already."""
+        if arm not in ARMS:
+            raise ValueError(f"Unknown arm {arm!r}: choose from {', '.join(ARMS)}.")
+        if self.is_trained(arm):
+            self.log(f"{arm}: trained already ({os.path.join(self.output_dir, arm)}), skipped")
+            return
+        run_dir = os.path.join(self.output_dir, arm, "run")
+        args = dataclasses.replace(self.training_args, output_dir=run_dir, **(ARMS[arm] or {}))
+        model = AutoModelForCausalLM.from_pretrained(self.model_name, **self.model_kwargs)
+        if ARMS[arm] is None:
+            paired_format = detect_paired_format(self.train_dataset.column_names, args.anchor_prefix)
+            examples = self.train_dataset.remove_columns(paired_format.anchor_columns)
+            trainer = SFTTrainer(
+                model=model, args=_sft_config(args), train_dataset=examples, processing_class=self.tokenizer
+            )
+        else:
+            trainer = SARATrainer(
+                model=patch_model(model), args=args, train_dataset=self.train_dataset, processing_class=self.tokenizer
+            )
+        resume = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+        self.log(f"{arm}: training" + (f", resumed from {resume}" if resume else ""))
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(self.model_dir(arm))
+        if trainer.is_world_process_zero():
+            self.tokenizer.save_pretrained(self.model_dir(arm))
+            record = {
+                "arm": arm,
+                "settings": ARMS[arm],
+                "steps": result.global_step,
+                "loss": result.training_loss,
+            }
+            with atomic_write(os.path.join(self.output_dir, arm, COMPLETE_FILE_NAME)) as path:
+                with open(path, "w", encoding="utf-8") as handle:
+                    json.dump(record, handle, indent=2)
+        trainer.accelerator.wait_for_everyone()
+
+    # Evaluation -------------------------------------------------------------------------------------------------
+
+    def evaluate(self, arm: str) -> dict[str, dict[str, float]]:
+        """Accuracy per benchmark and language of one model (`"base"` or a trained arm); kept and reused."""
+        if arm != BASE and not self.is_trained(arm):
+            raise ValueError(f"The arm {arm!r} is not trained yet: run its training first.")
+        results = {}
+        for benchmark, specs in self.benchmarks.items():
+            folder = os.path.join(self.output_dir, "eval", arm, benchmark)
+            scores_path = os.path.join(folder, SCORES_FILE_NAME)
+            if os.path.isfile(scores_path):
+                with open(scores_path, encoding="utf-8") as handle:
+                    results[benchmark] = json.load(handle)
+                continue
+            self.log(f"{arm}: evaluating {benchmark}")
+            sources = parse_sources([s for s in specs if not _is_file(s)], [s for s in specs if _is_file(s)])
+            scores, _ = evaluate_and_report(
+                self.model_dir(arm), None, sources, folder, self.eval_settings, log=self.log
+            )
+            results[benchmark] = {language: score.score for language, score in scores["model"].items()}
+            with atomic_write(scores_path) as path, open(path, "w", encoding="utf-8") as handle:
+                json.dump(results[benchmark], handle, indent=2)
+        return results
+
+    # Routing analysis -------------------------------------------------------------------------------------------
+
+    def analyze(self, arms: Sequence[str]) -> dict[str, str]:
+        """Routing divergence to the anchors per language and layer, for the base and the given arms: figures."""
+        if self.analysis_pairs is None:
+            return {}
+        folder = os.path.join(self.output_dir, "analysis")
+        done_path = os.path.join(folder, ANALYSED_FILE_NAME)
+        if os.path.isfile(done_path):
+            with open(done_path, encoding="utf-8") as handle:
+                done = json.load(handle)
+            if done["models"] == [BASE, *arms]:
+                return done["paths"]
+        reports: dict[str, RoutingReport] = {}
+        for arm in (BASE, *arms):
+            model = patch_model(AutoModelForCausalLM.from_pretrained(self.model_dir(arm), **self.model_kwargs))
+            reports[arm] = analyze_routing(model, self.tokenizer, self.analysis_pairs)
+        layers = len(next(iter(reports[BASE].divergence.values())))
+        paths = write_report(reports, folder, resolve_layers(DEFAULT_LAYERS, layers))
+        with atomic_write(done_path) as path, open(path, "w", encoding="utf-8") as handle:
+            json.dump({"models": [BASE, *arms], "paths": paths}, handle, indent=2)
+        return paths
+
+    # Report -----------------------------------------------------------------------------------------------------
+
+    def report(self, results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> tuple[list[dict[str, object]], dict]:
+        """The table (one row per benchmark, accuracy % averaged over its languages) and where it was written."""
+        rows = replication_table(results, self.benchmarks)
+        paths = {
+            "markdown": os.path.join(self.output_dir, "replication.md"),
+            "csv": os.path.join(self.output_dir, "replication.csv"),
+        }
+        with atomic_write(paths["markdown"]) as path, open(path, "w", encoding="utf-8") as handle:
+            handle.write(
+                "Accuracy (%) averaged over each benchmark's languages, beside the published Qwen3-30B-A3B numbers "
+                f"(mean of {', '.join(PUBLISHED_LANGUAGES)}):\n\n{markdown_table(rows, '.2f')}\n"
+            )
+        with atomic_write(paths["csv"]) as path:
+            write_csv(path, rows)
+        return rows, paths
+
+    def run(self, arms: Sequence[str] = tuple(ARMS), evaluate: bool = True) -> dict[str, Any]:
+        """Trains the arms (skipping finished ones), then, when `evaluate`, evaluates, analyses and reports."""
+        for arm in arms:
+            self.train(arm)
+        if not evaluate:
+            return {}
+        trained = [arm for arm in ARMS if self.is_trained(arm)]
+        results = {arm: self.evaluate(arm) for arm in (BASE, *trained)}
+        paths = self.analyze(trained)
+        rows, table_paths = self.report(results)
+        analysis_paths = {f"analysis_{kind}": path for kind, path in paths.items()}
+        return {"results": results, "rows": rows, "paths": {**table_paths, **analysis_paths}}
+
+
+def _is_file(spec: str) -> bool:
+    return os.path.isfile(spec.partition("=")[2] or spec)
+
+
+def replication_table(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]], benchmarks: Mapping[str, Sequence[str]]
+) -> list[dict[str, object]]:
+    """One row per benchmark: its languages, each model's mean accuracy (%) over them, and the paper's numbers."""
+    rows = []
+    for benchmark in benchmarks:
+        languages = sorted({language for scores in results.values() for language in scores.get(benchmark, {})})
+        row: dict[str, object] = {"benchmark": benchmark, "languages": ",".join(languages)}
+        for model in (BASE, *ARMS):
+            scores = results.get(model, {}).get(benchmark)
+            row[model] = 100 * sum(scores.values()) / len(scores) if scores else "-"
+        for arm in ARMS:
+            published = PAPER_RESULTS.get(benchmark, {}).get(arm)
+            row[f"paper {arm}"] = published if published is not None else "-"
+        rows.append(row)
+    return rows

@@ -1,0 +1,112 @@
+"""`hf-sara replicate` in tiny mode, offline: three arms, evaluation, table, figures, and resuming."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+from hf_sara.cli import main
+from hf_sara.testing import load_demo_pairs
+from hf_sara.tools.eval_files import sample_eval_files
+from hf_sara.tools.pairs import split_by_item
+from hf_sara.tools.replication import ARMS, PAPER_RESULTS, parse_benchmarks, published_benchmarks
+
+pytest.importorskip("lm_eval")
+
+
+def _mtimes(root, arm):
+    folder = root / arm / "model"
+    return {name: os.stat(folder / name).st_mtime_ns for name in os.listdir(folder)}
+
+
+@pytest.fixture(scope="module")
+def belebele_file(tmp_path_factory):
+    """A second local benchmark: the first four Swahili questions of the shipped sample."""
+    path = tmp_path_factory.mktemp("eval") / "belebele_sw.jsonl"
+    with open(sample_eval_files()["sw"], encoding="utf-8") as handle:
+        path.write_text("".join(handle.readlines()[:4]), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def replication(tmp_path_factory, belebele_file):
+    """An interrupted tiny replication (the SFT arm trained only), then the whole run; its root and the output."""
+    root = tmp_path_factory.mktemp("replication")
+    benchmarks = ["--benchmarks", f"global_mmlu:sw={sample_eval_files()['sw']}", f"belebele:sw={belebele_file}"]
+    command = ["replicate", "--tiny", "--output_dir", str(root), *benchmarks]
+    assert main([*command, "--stage", "train", "--arms", "full_ft"]) == 0
+    assert (root / "full_ft" / "arm_complete.json").is_file() and not (root / "sara").exists()
+    sft_files = _mtimes(root, "full_ft")
+    return root, command, sft_files
+
+
+def test_tiny_replication_trains_evaluates_reports_and_resumes(replication, capsys):
+    root, command, sft_files = replication
+    # The whole run: the finished arm is kept, the others are trained, everything is evaluated and reported.
+    capsys.readouterr()
+    assert main(command) == 0
+    output = capsys.readouterr().out
+    assert "full_ft: trained already" in output
+    assert _mtimes(root, "full_ft") == sft_files
+    for arm in ARMS:
+        record = json.loads((root / arm / "arm_complete.json").read_text())
+        assert record["settings"] == ARMS[arm] and record["steps"] == 4
+    table = (root / "replication.md").read_text()
+    assert "| global_mmlu | sw |" in table and "| belebele | sw |" in table
+    assert f"{PAPER_RESULTS['global_mmlu']['sara']:.2f}" in table
+    for name in ("layer_divergence.png", "expert_usage_base.png", "expert_usage_sara_all_layers.png"):
+        assert (root / "analysis" / name).is_file()
+    # The table's numbers are the evaluated accuracies, averaged over the languages, in percent.
+    last_row = table.strip().splitlines()[-1]
+    for arm in ("base", *ARMS):
+        scores = json.loads((root / "eval" / arm / "belebele" / "scores.json").read_text())
+        assert f"{100 * scores['sw']:.2f}" in last_row
+
+    # Nothing finished is redone.
+    scores_time = os.stat(root / "eval" / "sara" / "global_mmlu" / "scores.json").st_mtime_ns
+    figure_time = os.stat(root / "analysis" / "layer_divergence.png").st_mtime_ns
+    models = {arm: _mtimes(root, arm) for arm in ARMS}
+    assert main(command) == 0
+    assert {arm: _mtimes(root, arm) for arm in ARMS} == models
+    assert os.stat(root / "eval" / "sara" / "global_mmlu" / "scores.json").st_mtime_ns == scores_time
+    assert os.stat(root / "analysis" / "layer_divergence.png").st_mtime_ns == figure_time
+    assert (root / "replication.md").read_text() == table
+
+
+def test_the_sft_arm_is_plain_sft_trainer_on_the_examples(replication, tmp_path):
+    root = replication[0]
+    train, _ = split_by_item(load_demo_pairs())
+    examples = train.remove_columns(["anchor_prompt", "anchor_completion"])
+    base = root / "tiny-model"
+    settings = dict(max_steps=4, per_device_train_batch_size=8, use_cpu=True, bf16=False, max_length=64)
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(base),
+        args=SFTConfig(output_dir=str(tmp_path / "sft"), report_to=[], gradient_checkpointing=False, **settings),
+        train_dataset=examples,
+        processing_class=AutoTokenizer.from_pretrained(base),
+    )
+    trainer.train()
+    replicated = AutoModelForCausalLM.from_pretrained(root / "full_ft" / "model").state_dict()
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(replicated[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_benchmark_specifications():
+    assert parse_benchmarks(["mgsm:sw=mgsm_direct_sw", "mgsm:te=mgsm_direct_te"]) == {
+        "mgsm": ["sw=mgsm_direct_sw", "te=mgsm_direct_te"]
+    }
+    with pytest.raises(ValueError, match="BENCHMARK:LANG=TASK"):
+        parse_benchmarks(["global_mmlu_full_sw"])
+    published = published_benchmarks()
+    assert published["belebele"][0] == "hi=belebele_hin_Deva" and len(published["global_mmlu"]) == 5
+    assert [spec.split("=")[0] for spec in published["mgsm"]] == ["bn", "te", "sw"]  # MGSM has no hi, ne
+
+
+def test_peft_and_unknown_arms_are_refused(tmp_path, capsys):
+    assert main(["replicate", "--tiny", "--output_dir", str(tmp_path), "--use_peft", "true"]) == 2
+    assert "full fine-tuning" in capsys.readouterr().err
+    assert main(["replicate", "--tiny", "--output_dir", str(tmp_path), "--arms", "lora"]) == 2
+    assert "unknown arm(s) ['lora']" in capsys.readouterr().err
