@@ -8,6 +8,7 @@ from .routing.layers import DEFAULT_LAYERS, PUBLISHED_BAND, resolve_layers
 from .routing.loss import js_divergence, sara_alignment_loss
 from .routing.patching import is_patched, patch_model, unpatch_model
 from .routing.pooling import router_probabilities
+from .tools.merge import MergeResult, check_adapter_fits_base, merge_adapter
 from .training.anchors import (
     OfflineAnchors,
     compute_anchor_distributions,
@@ -19,6 +20,7 @@ from .training.trainer import SARATrainer
 
 __all__ = [
     "DEFAULT_LAYERS",
+    "MergeResult",
     "OfflineAnchors",
     "PUBLISHED_BAND",
     "RouterSite",
@@ -26,11 +28,13 @@ __all__ = [
     "SARAConfig",
     "SARATrainer",
     "capture_routing",
+    "check_adapter_fits_base",
     "compute_anchor_distributions",
     "find_routers",
     "is_patched",
     "js_divergence",
     "load_anchor_distributions",
+    "merge_adapter",
     "patch_model",
     "resolve_layers",
     "router_probabilities",

@@ -1,5 +1,5 @@
-"""The `hf-sara` command line: train, anchors, analyze, pairs, demo, eval, replicate. One module per subcommand
-(arguments and printing only); the work is done by `hf_sara.training` and `hf_sara.tools`."""
+"""The `hf-sara` command line: train, anchors, analyze, pairs, demo, eval, merge, replicate. One module per
+subcommand (arguments and printing only); the work is done by `hf_sara.training` and `hf_sara.tools`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from .analyze import analyze_command
 from .common import CommandError
 from .demo import demo_command
 from .eval import eval_command
+from .merge import merge_command
 from .pairs import pairs_command
 from .replicate import replicate_command
 from .train import anchors_command, train_command
@@ -26,6 +27,8 @@ commands:
   demo      the main job on the embedded default, offline: SFT vs SARA on a tiny MoE, with the analysis
   eval      accuracy per language through lm-evaluation-harness (harness tasks or local Global-MMLU/M3KE files),
             for a model or a base/adapter pair: a markdown and CSV table and a bar chart
+  merge     merge a LoRA adapter (routers, fused experts, modules_to_save included) into its base model and save a
+            plain model folder for serving (loads with AutoModelForCausalLM, without PEFT)
   replicate the published comparison (full fine-tuning, SARA, SARA on all layers), evaluated per language beside
             the paper's numbers, with the routing analysis; resumable (`--tiny`: an offline smoke run)
 
@@ -41,6 +44,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo": demo_command,
     "eval": eval_command,
     "replicate": replicate_command,
+    "merge": merge_command,
 }
 
 
