@@ -1,18 +1,13 @@
-"""`hf-sara analyze`: routing divergence to the anchors per language and MoE layer, for a model or base + adapter."""
+"""`hf-sara analyze`: Routing divergence between each language's examples and their anchors, per MoE layer, for a model
+or a base/adapter pair: a markdown and CSV table and PNG figures."""
 
 from __future__ import annotations
-
-import argparse
 
 from . import common
 
 
 def analyze_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hf-sara analyze",
-        description="Routing divergence between each language's examples and their anchors, per MoE layer, for a "
-        "model or a base/adapter pair: a markdown and CSV table and PNG figures.",
-    )
+    parser = common.command_parser("analyze", __doc__)
     common.add_model_arguments(parser, "compare with the base model")
     parser.add_argument(
         "--data", help="paired dataset: .jsonl/.json/.parquet file or Hub name (default: the embedded demo pairs)"

@@ -11,6 +11,12 @@ class CommandError(Exception):
     """An error the user can fix; reported as one line."""
 
 
+def command_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser of `hf-sara <command>`, described by its module's docstring (without its name)."""
+    description = " ".join(description.removeprefix(f"`hf-sara {command}`: ").split())
+    return argparse.ArgumentParser(prog=f"hf-sara {command}", description=description)
+
+
 def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:

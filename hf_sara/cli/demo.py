@@ -1,20 +1,16 @@
-"""`hf-sara demo`: the main job on the embedded default, offline."""
+"""`hf-sara demo`: The main job on the embedded default, offline: a tiny Qwen3-MoE learns five languages, then LoRA
+fine-tuning on the low-resource pairs with plain SFT and with SARA from the same start; prints the routing divergence
+per language, writes figures, saves the SARA adapter and its model card."""
 
 from __future__ import annotations
 
-import argparse
 import math
 
-from .common import CommandError
+from .common import CommandError, command_parser
 
 
 def demo_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hf-sara demo",
-        description="The main job on the embedded default, offline: a tiny Qwen3-MoE learns five languages, then LoRA "
-        "fine-tuning on the low-resource pairs with plain SFT and with SARA from the same start; prints the routing "
-        "divergence per language, writes figures, saves the SARA adapter and its model card.",
-    )
+    parser = command_parser("demo", __doc__)
     parser.add_argument("--output-dir", default="outputs/demo", help="where everything is written")
     parser.add_argument("--base-steps", type=int, default=300, help="steps of the multilingual base training")
     parser.add_argument("--steps", type=int, default=150, help="steps of each LoRA fine-tuning")

@@ -1,20 +1,15 @@
-"""`hf-sara eval`: accuracy per language through lm-evaluation-harness, for a model or base + adapter."""
+"""`hf-sara eval`: Accuracy per language through lm-evaluation-harness, for a model or a base model and a PEFT adapter
+side by side: harness tasks (e.g. global_mmlu_full_sw, belebele_swh_Latn, mgsm_direct_sw) and local files in the
+Global-MMLU (question, option_a..option_d, answer[, subject]) or M3KE (question, A, B, C, D, answer) schema. Without
+--tasks and --files it evaluates the small sample files shipped with hf_sara."""
 
 from __future__ import annotations
-
-import argparse
 
 from . import common
 
 
 def eval_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hf-sara eval",
-        description="Accuracy per language through lm-evaluation-harness, for a model or a base model and a PEFT "
-        "adapter side by side: harness tasks (e.g. global_mmlu_full_sw, belebele_swh_Latn, mgsm_direct_sw) and local "
-        "files in the Global-MMLU (question, option_a..option_d, answer[, subject]) or M3KE (question, A, B, C, D, "
-        "answer) schema. Without --tasks and --files it evaluates the small sample files shipped with hf_sara.",
-    )
+    parser = common.command_parser("eval", __doc__)
     common.add_model_arguments(parser, "evaluate next to the base model")
     parser.add_argument(
         "--tasks", nargs="+", default=[], metavar="[LANG=]TASK", help="harness tasks or groups, one per language"

@@ -1,19 +1,14 @@
-"""`hf-sara merge`: a LoRA adapter folded into its base model, saved as a plain model folder for serving."""
+"""`hf-sara merge`: Merge a (SARA) LoRA adapter into its base model and save a plain model folder for serving:
+safetensors, config, tokenizer and a model card with the SARA settings. It loads with AutoModelForCausalLM, without
+PEFT. An adapter not made for the base is refused before any weight is loaded."""
 
 from __future__ import annotations
 
-import argparse
-
-from .common import check_local_reference
+from .common import check_local_reference, command_parser
 
 
 def merge_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hf-sara merge",
-        description="Merge a (SARA) LoRA adapter into its base model and save a plain model folder for serving: "
-        "safetensors, config, tokenizer and a model card with the SARA settings. It loads with AutoModelForCausalLM, "
-        "without PEFT. An adapter not made for the base is refused before any weight is loaded.",
-    )
+    parser = command_parser("merge", __doc__)
     parser.add_argument("--adapter", required=True, help="the LoRA adapter (name or path)")
     parser.add_argument(
         "--model", help="the base model (name or path; default: the one the adapter's adapter_config.json names)"

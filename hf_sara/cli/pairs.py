@@ -1,18 +1,14 @@
-"""`hf-sara pairs`: a paired dataset (JSONL) from two line-aligned files or a multilingual table."""
+"""`hf-sara pairs`: Build a paired dataset (JSONL) for SARA from a parallel corpus or a translated instruction set."""
 
 from __future__ import annotations
 
-import argparse
 import os
 
-from .common import CommandError
+from .common import CommandError, command_parser
 
 
 def pairs_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hf-sara pairs",
-        description="Build a paired dataset (JSONL) for SARA from a parallel corpus or a translated instruction set.",
-    )
+    parser = command_parser("pairs", __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--aligned", nargs=2, metavar=("SOURCE", "ANCHOR"), help="two line-aligned text files")
     source.add_argument(

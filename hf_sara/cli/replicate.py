@@ -90,6 +90,7 @@ def replicate_command(argv: list[str]) -> int:
     from ..tools.replication import ARMS, Replication, parse_benchmarks, published_benchmarks
     from ..tools.reporting import markdown_table
     from .common import batch_size, check_local_reference, load_dataset_dict
+    from .train import model_init_kwargs
 
     try:
         script_args, training_args, model_args, replication_args = replication_parser().parse_args_and_config(
@@ -130,13 +131,7 @@ def replicate_command(argv: list[str]) -> int:
         trust_remote_code=training_args.trust_remote_code,
         device=None if torch.cuda.is_available() and not training_args.use_cpu else "cpu",
     )
-    dtype = model_args.dtype
-    model_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=getattr(torch, dtype) if dtype not in (None, "auto") else dtype,
-    )
+    model_kwargs = model_init_kwargs(model_args, training_args)
     tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
     state = PartialState()
     replication = Replication(

@@ -15,12 +15,27 @@ def trl_parser(prog: str):
     return TrlParser((ScriptArguments, SARAConfig, ModelConfig), prog=prog)
 
 
+def model_init_kwargs(model_args, training_args) -> dict:
+    """`from_pretrained` arguments from TRL's `ModelConfig` and the training arguments, as `trl sft` builds them."""
+    import torch
+    from trl import get_quantization_config
+
+    dtype = model_args.dtype
+    return dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=getattr(torch, dtype) if dtype not in (None, "auto") else dtype,
+        quantization_config=get_quantization_config(model_args),
+        **(training_args.model_init_kwargs or {}),
+    )
+
+
 def build_trainer(argv: list[str], prog: str):
     """Parses `argv` (flags or `--config` YAML) and builds the patched model, its tokenizer and the `SARATrainer`."""
-    import torch
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import get_peft_config, get_quantization_config
+    from trl import get_peft_config
 
     from ..routing.patching import patch_model
     from ..training.trainer import SARATrainer
@@ -38,16 +53,9 @@ def build_trainer(argv: list[str], prog: str):
     dataset = load_dataset_dict(script_args.dataset_name, script_args.dataset_config)
     if script_args.dataset_train_split not in dataset:
         raise CommandError(f"the dataset has no split {script_args.dataset_train_split!r} (it has {list(dataset)})")
-    dtype = model_args.dtype
-    model_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=getattr(torch, dtype) if dtype not in (None, "auto") else dtype,
-        quantization_config=get_quantization_config(model_args),
-        **(training_args.model_init_kwargs or {}),
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, **model_init_kwargs(model_args, training_args)
     )
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,

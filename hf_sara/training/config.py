@@ -15,6 +15,11 @@ POOLING_MODES = ("all", "prompt", "completion")
 LOSS_REDUCTIONS = ("mean", "sum")
 
 
+def _choice_field(choices: tuple[str, ...], help: str):
+    """A string setting whose value is one of `choices`, the first by default (the command line offers them)."""
+    return field(default=choices[0], metadata={"help": help, "choices": list(choices)})
+
+
 @dataclass
 class SARAConfig(SFTConfig):
     r"""
@@ -78,24 +83,18 @@ class SARAConfig(SFTConfig):
             "'published', is the published band at any depth: layers 7..34 of 48, round(7/48*n)..round(34/48*n) of n."
         },
     )
-    sara_loss_reduction: str = field(
-        default="mean",
-        metadata={
-            "help": "How the alignment term of the micro-batches and processes of one optimizer step is combined. "
-            "'mean' (the paper's formula): averaged, like the SFT loss. 'sum': summed over the gradient-accumulation "
-            "steps and, with average_tokens_across_devices, over the processes, i.e. GA x processes times 'mean': "
-            "what the authors' released code effectively did in the published runs.",
-            "choices": list(LOSS_REDUCTIONS),
-        },
+    sara_loss_reduction: str = _choice_field(
+        LOSS_REDUCTIONS,
+        "How the alignment term of the micro-batches and processes of one optimizer step is combined. "
+        "'mean' (the paper's formula): averaged, like the SFT loss. 'sum': summed over the gradient-accumulation "
+        "steps and, with average_tokens_across_devices, over the processes, i.e. GA x processes times 'mean': "
+        "what the authors' released code effectively did in the published runs.",
     )
-    sara_anchor_mode: str = field(
-        default="offline",
-        metadata={
-            "help": "'offline': the anchors' routing is computed once, with the model as it is before training, and "
-            "cached (as published). 'online': it is recomputed with the current model at each step, without "
-            "gradient.",
-            "choices": list(ANCHOR_MODES),
-        },
+    sara_anchor_mode: str = _choice_field(
+        ANCHOR_MODES,
+        "'offline': the anchors' routing is computed once, with the model as it is before training, and "
+        "cached (as published). 'online': it is recomputed with the current model at each step, without "
+        "gradient.",
     )
     sara_anchor_path: str | None = field(
         default=None,
@@ -112,14 +111,11 @@ class SARAConfig(SFTConfig):
             "sara_weight (a curriculum). 0 applies the full weight from the first step."
         },
     )
-    sara_pooling: str = field(
-        default="all",
-        metadata={
-            "help": "Which real tokens are pooled into an example's routing distribution: 'all' (prompt and "
-            "response, as published), 'prompt' (tokens left out of the SFT loss) or 'completion' (tokens in the SFT "
-            "loss).",
-            "choices": list(POOLING_MODES),
-        },
+    sara_pooling: str = _choice_field(
+        POOLING_MODES,
+        "Which real tokens are pooled into an example's routing distribution: 'all' (prompt and "
+        "response, as published), 'prompt' (tokens left out of the SFT loss) or 'completion' (tokens in the SFT "
+        "loss).",
     )
     anchor_prefix: str = field(
         default="anchor_",
@@ -153,14 +149,13 @@ class SARAConfig(SFTConfig):
             )
         if self.sara_weight < 0:
             raise ValueError(f"`sara_weight` must be >= 0, got {self.sara_weight}.")
-        if self.sara_anchor_mode not in ANCHOR_MODES:
-            raise ValueError(f"`sara_anchor_mode` must be one of {ANCHOR_MODES}, got {self.sara_anchor_mode!r}.")
-        if self.sara_loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(
-                f"`sara_loss_reduction` must be one of {LOSS_REDUCTIONS}, got {self.sara_loss_reduction!r}."
-            )
-        if self.sara_pooling not in POOLING_MODES:
-            raise ValueError(f"`sara_pooling` must be one of {POOLING_MODES}, got {self.sara_pooling!r}.")
+        for name, choices in (
+            ("sara_anchor_mode", ANCHOR_MODES),
+            ("sara_pooling", POOLING_MODES),
+            ("sara_loss_reduction", LOSS_REDUCTIONS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"`{name}` must be one of {choices}, got {getattr(self, name)!r}.")
         if not 0.0 <= self.sara_warmup_ratio <= 1.0:
             raise ValueError(f"`sara_warmup_ratio` must lie in [0, 1], got {self.sara_warmup_ratio}.")
         if self.anchor_sft_weight < 0:
