@@ -9,6 +9,7 @@ from .routing.loss import js_divergence, sara_alignment_loss
 from .routing.patching import is_patched, patch_model, unpatch_model
 from .routing.pooling import router_probabilities
 from .tools.merge import MergeResult, check_adapter_fits_base, merge_adapter
+from .tools.monitor import RoutingDivergenceCallback
 from .training.anchors import (
     OfflineAnchors,
     compute_anchor_distributions,
@@ -24,6 +25,7 @@ __all__ = [
     "OfflineAnchors",
     "PUBLISHED_BAND",
     "RouterSite",
+    "RoutingDivergenceCallback",
     "RoutingCapture",
     "SARAConfig",
     "SARATrainer",

@@ -124,6 +124,17 @@ class RoutingCapture:
         return torch.stack(self.pooled, dim=1)  # type: ignore[arg-type]
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Runs a block with `model` in eval mode, and puts back the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def activation_checkpointing(model: nn.Module) -> bool:
     """
     Whether `model` recomputes activations in backward: a layer with transformers' `gradient_checkpointing` flag on

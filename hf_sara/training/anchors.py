@@ -3,12 +3,11 @@ stored in one memory-mapped safetensors file."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ from transformers.utils import logging
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..distributed import full_parameters, rank_batches
-from ..routing.capture import capture_routing
+from ..routing.capture import capture_routing, eval_mode
 from ..routing.discovery import PEFT_ADDED_PARAMETER_PARTS
 from ..routing.loss import check_distributions
 from ..routing.patching import get_routing_state
@@ -100,17 +99,6 @@ def anchor_tokens_digest(rows: Dataset, pooling: str, offset: int = 0) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Runs a block with `model` in eval mode, and puts back the mode it had."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _default_collator(model: nn.Module) -> Callable:
     pad_token_id = getattr(model.config.get_text_config(), "pad_token_id", None) or 0
     return DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
@@ -177,7 +165,7 @@ def compute_anchor_distributions(
     data_collator = data_collator or _default_collator(model)
     device = next(model.parameters()).device
     results = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in logging.tqdm(range(0, len(dataset), batch_size), desc=desc):
             rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
             results.append(_pool_rows(model, rows, data_collator, pooling, device).cpu())
@@ -379,7 +367,7 @@ class OfflineAnchors:
         mine = rank_batches(len(batches), num_processes, process_index)
         writer = None
         computed = 0
-        with _eval_mode(model):
+        with eval_mode(model):
             try:
                 for batch in logging.tqdm(mine, desc="SARA: offline anchors", disable=process_index != 0):
                     name, start, end = batches[batch if batch is not None else 0]
@@ -441,7 +429,7 @@ class OfflineAnchors:
         device = device if device is not None else next(model.parameters()).device
         parameter = next(model.parameters())
         tolerance = 1e-4 if parameter.dtype == torch.float32 else 5e-3
-        with _eval_mode(model):
+        with eval_mode(model):
             for name, table in tables.items():
                 if len(table.rows) == 0:
                     continue
