@@ -71,8 +71,17 @@ peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"
 args = SARAConfig(output_dir=OUTPUT_DIR, max_steps=MAX_STEPS, learning_rate=2e-4, per_device_train_batch_size=8,
                   logging_steps=1, report_to="none", fp16=use_gpu, bf16=False, max_length=256)
 trainer = SARATrainer(model=model, args=args, train_dataset=train_pairs, processing_class=tokenizer,
-                      peft_config=peft_config)
-trainer.train()"""
+                      peft_config=peft_config)"""
+
+MONITOR = """\
+from hf_sara import RoutingDivergenceCallback
+
+# Logs routing/js_<language> (and per layer) through the trainer's own logging at the start, every few steps and at
+# the end; the same three lines work with TRL's plain SFTTrainer or DPOTrainer.
+trainer.add_callback(RoutingDivergenceCallback(trainer, test_pairs, steps=max(1, MAX_STEPS // 2)))
+trainer.train()
+print([{k: round(v, 4) for k, v in entry.items() if k.startswith("routing/js_") and "layer" not in k}
+       for entry in trainer.state.log_history if any(k.startswith("routing/") for k in entry)])"""
 
 AFTER = """\
 after = analyze_routing(trainer.model, tokenizer, test_pairs)
@@ -92,7 +101,7 @@ QUICKSTART = [
     ("markdown", "## Routing divergence before training"),
     ("code", BEFORE),
     ("markdown", "## SARA fine-tuning with LoRA on attention and routers"),
-    ("code", TRAIN),
+    ("code", TRAIN + "\ntrainer.train()"),
     ("markdown", "## Routing divergence after training"),
     ("code", AFTER),
 ]
@@ -139,6 +148,20 @@ display(Image(os.path.join(EVAL_DIR, "accuracy.png")))""",
     ),
     (
         "markdown",
+        "## Merge for serving\n\n`hf-sara merge` folds the adapter (LoRA on attention and routers) into the base "
+        "model and saves a plain model folder that loads without PEFT, e.g. for vLLM or TGI.",
+    ),
+    (
+        "code",
+        """\
+MERGED_DIR = os.path.join(OUTPUT_DIR, "merged")
+assert hf_sara(["merge", "--model", MODEL, "--adapter", OUTPUT_DIR, "--output-dir", MERGED_DIR, "--overwrite"]) == 0
+merged = AutoModelForCausalLM.from_pretrained(MERGED_DIR).to(trainer.model.device)
+prompt = tokenizer(test_pairs[0]["prompt"], return_tensors="pt").to(merged.device)
+print(tokenizer.decode(merged.generate(**prompt, max_new_tokens=20)[0], skip_special_tokens=True))""",
+    ),
+    (
+        "markdown",
         "## Push the adapter to the Hub\n\nLog in first (`from huggingface_hub import notebook_login; "
         "notebook_login()`) and choose a repository name.",
     ),
@@ -157,16 +180,19 @@ else:
 TRAIN_ANALYZE_PUSH = [
     (
         "markdown",
-        "# Train, analyze, push\n\nSARA fine-tuning with LoRA, a before/after routing analysis of the saved "
-        "adapter with figures, accuracy per language with lm-evaluation-harness, and the adapter pushed to the Hub "
-        "with a model card that records the SARA settings.",
+        "# Train, analyze, merge, push\n\nSARA fine-tuning with LoRA and the routing divergence logged during "
+        "training, a before/after routing analysis of the saved adapter with figures, accuracy per language with "
+        "lm-evaluation-harness, the adapter merged into a plain model for serving, and the adapter pushed to the "
+        "Hub with a model card that records the SARA settings.",
     ),
     ("code", INSTALL),
     ("code", SETUP),
     ("code", LOAD),
     ("code", DATA),
     ("code", BEFORE),
+    ("markdown", "## SARA fine-tuning, with the routing divergence logged as it trains"),
     ("code", TRAIN),
+    ("code", MONITOR),
     *SAVE_ANALYZE_PUSH,
 ]
 
