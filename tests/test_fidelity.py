@@ -48,7 +48,7 @@ def _router_update(output_dir, **overrides) -> dict[str, torch.Tensor]:
     return {name: routers[name].detach() - before[name] for name in routers}
 
 
-@pytest.mark.parametrize("accumulation", [1, 3])
+@pytest.mark.parametrize("accumulation", [3])
 def test_sum_reduction_is_the_accumulation_steps_times_the_mean_on_one_process(tmp_path, accumulation):
     runs = {
         name: _router_update(tmp_path / name, gradient_accumulation_steps=accumulation, **overrides)
