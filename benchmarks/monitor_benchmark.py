@@ -2,9 +2,10 @@
 
     python benchmarks/monitor_benchmark.py        # writes benchmarks/RESULTS_MONITOR_CPU.md
 
-The demo's setting (`hf_sara/demo.py`): the embedded pairs, a BPE tokenizer trained on them, the tiny Qwen3-MoE
-(hidden 64, 4 MoE layers, 8 experts, top-2), fp32. Timed round-robin in one process, medians after warm-up runs, in
-wall-clock time and in the process's CPU time (less sensitive to other jobs on a shared machine):
+The demo's setting (`hf_sara/tools/demo.py`, built by `hf_sara/testing.py`): the embedded pairs, a BPE tokenizer
+trained on them, the tiny Qwen3-MoE (hidden 64, 4 MoE layers, 8 experts, top-2), fp32. Timed round-robin in one
+process, medians after warm-up runs, in wall-clock time and in the process's CPU time (less sensitive to other jobs
+on a shared machine):
 - `measure, batch B`: `callback.measure()` on the first `--pairs` pairs (both sides, B sequences per forward, the
   per-pair divergences gathered), the model already patched, as during training;
 - `training step`: `SFTTrainer.compute_loss` and its backward on one batch of 16 low-resource examples (the demo's
