@@ -265,7 +265,9 @@ def _check_within_max_steps(path: str, max_steps: int) -> None:
         )
 
 
-def complete_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str, max_steps: int = -1) -> str | None:
+def complete_checkpoint(
+    resume_from_checkpoint: str | bool | None, output_dir: str, max_steps: int = -1, required: bool = True
+) -> str | None:
     """
     Resolves `Trainer.train`'s `resume_from_checkpoint` to a checkpoint that was saved to the end. transformers writes
     checkpoints in place, so a run killed while saving leaves a `checkpoint-N` without (or with half) its
@@ -273,7 +275,8 @@ def complete_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: s
     instead, with a warning. An explicit path to an incomplete checkpoint is refused.
 
     Raises:
-        `ValueError`: for an incomplete checkpoint given by path, or when `True` finds no complete one.
+        `ValueError`: for an incomplete checkpoint given by path, or when `True` finds no complete one (unless
+        `required=False`: then `None`, to start from the beginning).
     """
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
         return None
@@ -298,6 +301,8 @@ def complete_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: s
                     )
                 return path
             incomplete.append(name)
+        if not required:
+            return None
         raise ValueError(
             f"No complete checkpoint in {output_dir} to resume from"
             + (f" ({', '.join(incomplete)} were cut short while saving)" if incomplete else "")

@@ -11,7 +11,7 @@ from hf_sara.routing.capture import RoutingCapture
 
 from .testing_utils import NUM_EXPERTS, random_batch, tiny_model
 
-FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
+CHECKPOINTED_FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
 
 
 def _anchors(batch_size, num_layers):
@@ -33,7 +33,7 @@ def _alignment_gradients(model_type, checkpointing):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("model_type", CHECKPOINTED_FAMILIES)
 def test_non_reentrant_checkpointing_gives_the_same_gradients(model_type):
     plain = _alignment_gradients(model_type, None)
     checkpointed = _alignment_gradients(model_type, "non_reentrant")
@@ -44,7 +44,7 @@ def test_non_reentrant_checkpointing_gives_the_same_gradients(model_type):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("model_type", CHECKPOINTED_FAMILIES)
 def test_reentrant_checkpointing_is_refused_with_the_fix(model_type):
     with pytest.raises(RuntimeError, match=r"use_reentrant=True.*'use_reentrant': False"):
         _alignment_gradients(model_type, "reentrant")

@@ -18,7 +18,7 @@ from .testing_utils import load_pairs, pairs_tokenizer, random_batch, sara_confi
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]  # fused 3D expert weights in transformers 5
 # model_type: (LoRA on parameters besides the router's, whether the router gets LoRA, modules_to_save)
-FAMILIES = {
+MERGED_FAMILIES = {
     "qwen3_moe": (EXPERTS, True, ["lm_head"]),  # LoRA on the router and on fused 3D experts
     "mixtral": (EXPERTS, False, ["gate"]),  # the router trained whole (modules_to_save)
     "gpt_oss": (EXPERTS, True, []),  # experts stored [experts, in, out], a router with a bias
@@ -46,7 +46,7 @@ def _save_base(path, model_type, with_tokenizer=True, **overrides):
 def _save_adapter(path, base_dir, model_type, seed=0):
     """A LoRA adapter with random (non-zero) weights on attention, router and experts, and perturbed
     modules_to_save, so that it changes the model's outputs and routing a lot."""
-    extra_parameters, router_lora, modules_to_save = FAMILIES[model_type]
+    extra_parameters, router_lora, modules_to_save = MERGED_FAMILIES[model_type]
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     config = LoraConfig(
         r=4,
@@ -93,7 +93,7 @@ def qwen_pair(tmp_path_factory):
     return base_dir, _save_adapter(root / "adapter", base_dir, "qwen3_moe")
 
 
-@pytest.mark.parametrize("model_type", list(FAMILIES))
+@pytest.mark.parametrize("model_type", list(MERGED_FAMILIES))
 def test_merged_model_equals_the_adapter_model(tmp_path, model_type):
     base_dir = _save_base(tmp_path / "base", model_type)
     adapter_dir = _save_adapter(tmp_path / "adapter", base_dir, model_type)
@@ -106,7 +106,7 @@ def test_merged_model_equals_the_adapter_model(tmp_path, model_type):
     merged = AutoModelForCausalLM.from_pretrained(output_dir).eval()
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
 
-    extra_parameters, router_lora, modules_to_save = FAMILIES[model_type]
+    extra_parameters, router_lora, modules_to_save = MERGED_FAMILIES[model_type]
     targets = (router_weight_names(base) if router_lora else []) + extra_parameters
     names = [name.split(".")[-1] for name, _ in base.named_modules()]
     assert result.lora_modules == sum(name in ("q_proj", "v_proj", "o_proj") for name in names) > 0

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from hf_sara.cli import main
+from hf_sara.files import complete_checkpoint
 from hf_sara.testing import load_demo_pairs
 from hf_sara.tools.eval_files import sample_eval_files
 from hf_sara.tools.pairs import split_by_item
@@ -63,7 +64,7 @@ def test_tiny_replication_trains_evaluates_reports_and_resumes(replication, caps
     last_row = table.strip().splitlines()[-1]
     for arm in ("base", *ARMS):
         scores = json.loads((root / "eval" / arm / "belebele" / "scores.json").read_text())
-        assert f"{100 * scores['sw']:.2f}" in last_row
+        assert f"{100 * scores['scores']['sw']:.2f}" in last_row
 
     # Nothing finished is redone.
     scores_time = os.stat(root / "eval" / "sara" / "global_mmlu" / "scores.json").st_mtime_ns
@@ -74,6 +75,27 @@ def test_tiny_replication_trains_evaluates_reports_and_resumes(replication, caps
     assert os.stat(root / "eval" / "sara" / "global_mmlu" / "scores.json").st_mtime_ns == scores_time
     assert os.stat(root / "analysis" / "layer_divergence.png").st_mtime_ns == figure_time
     assert (root / "replication.md").read_text() == table
+
+    # Scores kept under other settings are not reused: only that one evaluation runs again.
+    kept_path = root / "eval" / "base" / "belebele" / "scores.json"
+    kept = json.loads(kept_path.read_text())
+    kept["depends_on"]["settings"]["limit"] = 2
+    kept_path.write_text(json.dumps(kept))
+    other_time = os.stat(root / "eval" / "base" / "global_mmlu" / "scores.json").st_mtime_ns
+    assert main(command) == 0
+    assert "base: evaluating belebele" in capsys.readouterr().out
+    assert json.loads(kept_path.read_text())["depends_on"]["settings"]["limit"] is None
+    assert os.stat(root / "eval" / "base" / "global_mmlu" / "scores.json").st_mtime_ns == other_time
+
+
+def test_an_interrupted_arm_resumes_from_its_last_complete_checkpoint(tmp_path):
+    for step, complete in ((2, True), (4, False)):  # checkpoint-4 was cut short while saving
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    assert complete_checkpoint(True, str(tmp_path), max_steps=8, required=False) == str(tmp_path / "checkpoint-2")
+    assert complete_checkpoint(True, str(tmp_path / "empty"), required=False) is None
 
 
 def test_the_sft_arm_is_plain_sft_trainer_on_the_examples(replication, tmp_path):

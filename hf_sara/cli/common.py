@@ -53,7 +53,6 @@ def device(value: str) -> str:
 
 
 _DATA_FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt")
-_DATASET_BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "tsv": "csv"}
 
 
 def check_local_reference(name: str | None, what: str) -> None:
@@ -65,35 +64,10 @@ def check_local_reference(name: str | None, what: str) -> None:
         raise CommandError(f"{what} {name} not found: no such file or directory")
 
 
-def load_dataset_dict(name: str, config: str | None = None):
-    """A local `.jsonl`/`.json`/`.parquet`/`.csv`/`.tsv` file (as its `train` split) or a Hub dataset."""
-    from datasets import DatasetDict, load_dataset
-
-    if os.path.isfile(name):
-        extension = name.rsplit(".", 1)[-1].lower()
-        builder = _DATASET_BUILDERS.get(extension)
-        if builder is None:
-            raise CommandError(f"cannot read {name}: expected a .json, .jsonl, .parquet, .csv or .tsv file")
-        if os.path.getsize(name) == 0:
-            raise CommandError(f"{name} is empty: there is no row to read")
-        extra = {"delimiter": "\t"} if extension == "tsv" else {}
-        try:
-            dataset = load_dataset(builder, data_files=name, split="train", **extra)
-        except Exception as error:  # the builders raise many kinds (DatasetGenerationError, ArrowInvalid, ...)
-            cause = error.__cause__ or error
-            reason = " ".join(str(cause).split())[:300] or type(cause).__name__
-            raise CommandError(
-                f"cannot read {name} as a {builder.upper()} dataset ({reason}); each row must be one object with the "
-                "same columns (JSONL: one JSON object per line)"
-            ) from None
-        return DatasetDict({"train": dataset})
-    if os.path.exists(name) and not os.path.isdir(name):
-        raise CommandError(f"cannot read {name}")
-    return load_dataset(name, name=config)
-
-
 def load_split(name: str, split: str):
     """One split of [`load_dataset_dict`]`(name)`, refused with the splits it has when it is not there."""
+    from ..tools.loading import load_dataset_dict
+
     check_local_reference(name, "dataset")
     dataset = load_dataset_dict(name)
     if split not in dataset:

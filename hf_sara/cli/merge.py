@@ -1,6 +1,6 @@
 """`hf-sara merge`: Merge a (SARA) LoRA adapter into its base model and save a plain model folder for serving:
 safetensors, config, tokenizer and a model card with the SARA settings. It loads with AutoModelForCausalLM, without
-PEFT. An adapter not made for the base is refused before any weight is loaded."""
+PEFT. An adapter not made for the base is refused before the base model's weights are loaded."""
 
 from __future__ import annotations
 

@@ -4,10 +4,10 @@ beside the paper's numbers; resumable, and under `accelerate launch` one arm per
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 
-from .common import CommandError
+from ..tools.replication import ARMS
+from .common import CommandError, batch_size, check_local_reference
 
 
 @dataclass
@@ -15,38 +15,36 @@ class ReplicationArguments:
     """The replication's own options, next to TRL's script, training (`SARAConfig`) and model arguments."""
 
     arms: list[str] = field(
-        default_factory=lambda: ["full_ft", "sara", "sara_all_layers"],
-        metadata={"help": "Arms to train now (finished ones are skipped): full_ft, sara, sara_all_layers."},
+        default_factory=lambda: list(ARMS),
+        metadata={"help": f"Arms to train (finished ones are skipped): {', '.join(ARMS)}."},
     )
     stage: str = field(
         default="all",
         metadata={
-            "help": "'train': train the arms only (one `accelerate launch` per arm on several GPUs); 'evaluate': "
-            "evaluate the base and every trained arm, analyse routing and write the table; 'all': both.",
+            "help": "'train': train the arms only (under `accelerate launch`: one arm per launch); 'evaluate': "
+            "evaluate the base and every trained arm, write the table and analyse routing (one process); 'all': "
+            "both, on one process.",
             "choices": ["train", "evaluate", "all"],
         },
     )
     benchmarks: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "BENCHMARK:LANG=TASK or BENCHMARK:LANG=FILE sources (default: Global-MMLU, BELEBELE and MGSM "
-            "harness tasks for hi, ne, bn, te, sw; MGSM has bn, te, sw only)."
+            "help": "BENCHMARK:LANG=TASK or BENCHMARK:LANG=FILE sources (default: the published Global-MMLU, "
+            "BELEBELE and MGSM harness tasks; MGSM has no hi or ne)."
         },
     )
-    eval_limit: float | None = field(default=None, metadata={"help": "only the first N items per task"})
-    eval_batch_size: str = field(default="8", metadata={"help": "harness batch size, or 'auto'"})
-    eval_num_fewshot: int | None = field(default=None, metadata={"help": "few-shot examples (default: the task's)"})
-    eval_device_map: str | None = field(
-        default=None, metadata={"help": "device_map for evaluation, e.g. 'auto' for a model larger than one GPU"}
-    )
-    analysis_split: str = field(
-        default="test", metadata={"help": "split of the pairs for the routing analysis (default: test, if any)"}
+    harness_limit: float | None = field(default=None, metadata={"help": "only the first N items per task"})
+    harness_batch_size: str = field(default="8", metadata={"help": "lm-evaluation-harness batch size, or 'auto'"})
+    harness_num_fewshot: int | None = field(default=None, metadata={"help": "few-shot examples (default: task's)"})
+    harness_device_map: str | None = field(
+        default=None, metadata={"help": "device_map for evaluation and analysis, e.g. 'auto' beyond one GPU"}
     )
     tiny: bool = field(
         default=False,
         metadata={
             "help": "offline smoke run: a tiny untrained Qwen3-MoE, the embedded pairs and the shipped sample eval "
-            "files (unless --benchmarks is given), a few steps on the CPU"
+            "files (unless --benchmarks is given), 4 steps on the CPU"
         },
     )
 
@@ -59,55 +57,38 @@ def replication_parser():
     return TrlParser((ScriptArguments, SARAConfig, ModelConfig, ReplicationArguments), prog="hf-sara replicate")
 
 
-def _tiny_inputs(replication_args: ReplicationArguments, training_args):
-    """The tiny offline setting: a saved tiny model, the embedded pairs, the sample eval files, a short CPU budget."""
-    import dataclasses
-
-    from ..testing import load_demo_pairs, save_tiny_model
-    from ..tools.eval_files import sample_eval_files
-    from ..tools.pairs import split_by_item
-
-    model_dir = os.path.join(training_args.output_dir, "tiny-model")
-    if not os.path.isdir(model_dir):  # written aside and renamed: a killed run leaves no half-saved model
-        staging = tempfile.mkdtemp(dir=training_args.output_dir, prefix=".tiny-model-")
-        os.replace(save_tiny_model(staging), model_dir)
-    train, test = split_by_item(load_demo_pairs())
-    budget = dict(max_steps=4, per_device_train_batch_size=8, gradient_accumulation_steps=1, use_cpu=True)
-    budget.update(bf16=False, gradient_checkpointing=False, max_length=64, logging_steps=1, report_to=[])
-    training_args = dataclasses.replace(training_args, **budget)
-    samples = sample_eval_files()
-    benchmarks = replication_args.benchmarks or [f"global_mmlu:{lang}={samples[lang]}" for lang in ("sw", "en")]
-    return model_dir, train, test, training_args, benchmarks
-
-
 def replicate_command(argv: list[str]) -> int:
-    import torch
     import yaml
     from accelerate import PartialState
-    from transformers import AutoTokenizer
 
-    from ..tools.evaluation import EvalSettings, require_lm_eval
-    from ..tools.replication import ARMS, Replication, parse_benchmarks, published_benchmarks
+    from ..tools.evaluation import EvalSettings, check_task_names, require_lm_eval, task_manager_for
+    from ..tools.loading import load_dataset_dict, load_tokenizer, model_init_kwargs
+    from ..tools.replication import Replication, parse_benchmarks, published_benchmarks, tiny_setup
     from ..tools.reporting import markdown_table
-    from .common import batch_size, check_local_reference, load_dataset_dict
-    from .train import model_init_kwargs
+    from .common import print_paths
 
     try:
-        script_args, training_args, model_args, replication_args = replication_parser().parse_args_and_config(
-            args=argv
-        )
+        script_args, training_args, model_args, options = replication_parser().parse_args_and_config(args=argv)
     except yaml.YAMLError as error:
         raise CommandError(f"the --config file is not valid YAML: {' '.join(str(error).split())}") from None
-    unknown = [arm for arm in replication_args.arms if arm not in ARMS]
+    unknown = [arm for arm in options.arms if arm not in ARMS]
     if unknown:
         raise CommandError(f"unknown arm(s) {unknown}: choose from {', '.join(ARMS)}")
     if model_args.use_peft:
         raise CommandError("the published comparison is full fine-tuning: drop --use_peft")
-    if replication_args.stage != "train":
+    state = PartialState()
+    if state.num_processes > 1 and (options.stage != "train" or len(options.arms) != 1):
+        raise CommandError(
+            "under `accelerate launch`, train one arm per launch (`--stage train --arms ARM`), then evaluate in one "
+            "process (`hf-sara replicate ... --stage evaluate`, with `--harness_device_map auto` for a large model)"
+        )
+    evaluating = options.stage != "train"
+    if evaluating:
         require_lm_eval()
     os.makedirs(training_args.output_dir, exist_ok=True)
-    if replication_args.tiny:
-        model_name, train, analysis, training_args, specs = _tiny_inputs(replication_args, training_args)
+    if options.tiny:
+        model_name, train, analysis, training_args, specs = tiny_setup(training_args.output_dir, training_args)
+        specs = options.benchmarks or specs
     else:
         if not model_args.model_name_or_path or not script_args.dataset_name:
             raise CommandError("--model_name_or_path and --dataset_name are required (or --tiny for a smoke run)")
@@ -116,24 +97,22 @@ def replicate_command(argv: list[str]) -> int:
         check_local_reference(script_args.dataset_name, "dataset")
         dataset = load_dataset_dict(script_args.dataset_name, script_args.dataset_config)
         if script_args.dataset_train_split not in dataset:
-            raise CommandError(
-                f"the dataset has no split {script_args.dataset_train_split!r} (it has {list(dataset)})"
-            )
-        train = dataset[script_args.dataset_train_split]
-        analysis = dataset.get(replication_args.analysis_split)
-        specs = replication_args.benchmarks
+            split = script_args.dataset_train_split
+            raise CommandError(f"the dataset has no split {split!r} (it has {list(dataset)})")
+        train, analysis = dataset[script_args.dataset_train_split], dataset.get(script_args.dataset_test_split)
+        specs = options.benchmarks
     benchmarks = parse_benchmarks(specs) if specs else published_benchmarks()
     settings = EvalSettings(
-        num_fewshot=replication_args.eval_num_fewshot,
-        batch_size=batch_size(replication_args.eval_batch_size),
-        limit=replication_args.eval_limit,
-        device_map=replication_args.eval_device_map,
+        num_fewshot=options.harness_num_fewshot,
+        batch_size=batch_size(options.harness_batch_size),
+        limit=options.harness_limit,
+        device_map=options.harness_device_map,
         trust_remote_code=training_args.trust_remote_code,
-        device=None if torch.cuda.is_available() and not training_args.use_cpu else "cpu",
+        device="cpu" if training_args.use_cpu else None,
     )
-    model_kwargs = model_init_kwargs(model_args, training_args)
-    tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
-    state = PartialState()
+    tokenizer = load_tokenizer(
+        model_name, model_revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+    )
     replication = Replication(
         training_args.output_dir,
         model_name,
@@ -143,19 +122,17 @@ def replicate_command(argv: list[str]) -> int:
         benchmarks,
         settings,
         analysis_pairs=analysis,
-        model_kwargs=model_kwargs,
+        model_kwargs=model_init_kwargs(model_args, training_args),
         log=state.print,
     )
-    arms = replication_args.arms if replication_args.stage != "evaluate" else []
-    evaluate = replication_args.stage != "train"
-    for arm in arms:
-        replication.train(arm)
-    if evaluate and state.is_main_process:  # the harness evaluates on one process
-        outcome = replication.run(arms=[], evaluate=True)
+    if evaluating:  # unknown task names are refused now, not after the training
+        check_task_names(
+            [source for sources in replication.sources.values() for source in sources], task_manager_for()
+        )
+    outcome = replication.run(options.arms if options.stage != "evaluate" else [], with_evaluation=evaluating)
+    if evaluating:
         print()
         print(markdown_table(outcome["rows"], ".2f"))
         print()
-        for kind, path in outcome["paths"].items():
-            print(f"{kind}: {path}")
-    state.wait_for_everyone()
+        print_paths(outcome["paths"])
     return 0

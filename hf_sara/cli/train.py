@@ -3,7 +3,8 @@ as on one process."""
 
 from __future__ import annotations
 
-from .common import CommandError, check_local_reference, load_dataset_dict
+from ..tools.loading import load_dataset_dict, model_init_kwargs
+from .common import CommandError, check_local_reference
 
 
 def trl_parser(prog: str):
@@ -13,22 +14,6 @@ def trl_parser(prog: str):
     from ..training.config import SARAConfig
 
     return TrlParser((ScriptArguments, SARAConfig, ModelConfig), prog=prog)
-
-
-def model_init_kwargs(model_args, training_args) -> dict:
-    """`from_pretrained` arguments from TRL's `ModelConfig` and the training arguments, as `trl sft` builds them."""
-    import torch
-    from trl import get_quantization_config
-
-    dtype = model_args.dtype
-    return dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=getattr(torch, dtype) if dtype not in (None, "auto") else dtype,
-        quantization_config=get_quantization_config(model_args),
-        **(training_args.model_init_kwargs or {}),
-    )
 
 
 def build_trainer(argv: list[str], prog: str):

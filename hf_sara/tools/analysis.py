@@ -11,10 +11,10 @@ from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..routing.capture import routing_distributions
+from ..routing.capture import eval_mode, routing_distributions
 from ..routing.loss import js_divergence
 from ..routing.patching import patch_model
-from ..training.paired_data import LANGUAGE_COLUMN, anchored_rows, detect_paired_format, languages_of, plain_texts
+from ..training.paired_data import LANGUAGE_COLUMN, anchored_subset, detect_paired_format, languages_of, plain_texts
 from .reporting import markdown_table, new_figure, write_csv
 
 ANCHOR_LANGUAGE = "anchor"
@@ -92,19 +92,11 @@ def analyze_routing(
     # The same reading of the paired format as the trainer's: only the format's own anchor columns count, and every
     # example must be there.
     paired_format = detect_paired_format(dataset.column_names)
-    has_anchor = anchored_rows(dataset, paired_format)
-    anchored = [index for index, flag in enumerate(has_anchor) if flag]
-    if not anchored:
-        raise ValueError("No row of the dataset has an anchor to compare with.")
-    dataset = dataset.select(anchored)
+    dataset = anchored_subset(dataset, paired_format)
     languages = languages_of(dataset, missing=UNKNOWN_LANGUAGE)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         examples = _routing(model, tokenizer, plain_texts(dataset, paired_format), batch_size, max_length)
         anchors = _routing(model, tokenizer, plain_texts(dataset, paired_format, anchors=True), batch_size, max_length)
-    finally:
-        model.train(was_training)
     divergences = js_divergence(examples, anchors)  # [rows, layers]
     report = RoutingReport({}, {ANCHOR_LANGUAGE: anchors.mean(0)}, {})
     for language in dict.fromkeys(languages):

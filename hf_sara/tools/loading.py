@@ -1,4 +1,5 @@
-"""Loading what a saved run is made of: its tokenizer, inside an adapter folder or next to its base model."""
+"""Loading what a run is made of: its dataset (a local file or a Hub name), its model's `from_pretrained` arguments,
+and its tokenizer, inside an adapter folder or next to its base model."""
 
 from __future__ import annotations
 
@@ -49,3 +50,49 @@ def load_tokenizer_with_source(
 def load_tokenizer(model: str, adapter: str | None = None, **kwargs) -> PreTrainedTokenizerBase:
     """The adapter's tokenizer when it was saved with one (SARATrainer saves it), else the base model's."""
     return load_tokenizer_with_source(model, adapter, **kwargs)[0]
+
+
+_DATASET_BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "tsv": "csv"}
+
+
+def load_dataset_dict(name: str, config: str | None = None):
+    """A local `.jsonl`/`.json`/`.parquet`/`.csv`/`.tsv` file (as its `train` split) or a Hub dataset."""
+    from datasets import DatasetDict, load_dataset
+
+    if os.path.isfile(name):
+        extension = name.rsplit(".", 1)[-1].lower()
+        builder = _DATASET_BUILDERS.get(extension)
+        if builder is None:
+            raise ValueError(f"cannot read {name}: expected a .json, .jsonl, .parquet, .csv or .tsv file")
+        if os.path.getsize(name) == 0:
+            raise ValueError(f"{name} is empty: there is no row to read")
+        extra = {"delimiter": "\t"} if extension == "tsv" else {}
+        try:
+            dataset = load_dataset(builder, data_files=name, split="train", **extra)
+        except Exception as error:  # the builders raise many kinds (DatasetGenerationError, ArrowInvalid, ...)
+            cause = error.__cause__ or error
+            reason = " ".join(str(cause).split())[:300] or type(cause).__name__
+            raise ValueError(
+                f"cannot read {name} as a {builder.upper()} dataset ({reason}); each row must be one object with the "
+                "same columns (JSONL: one JSON object per line)"
+            ) from None
+        return DatasetDict({"train": dataset})
+    if os.path.exists(name) and not os.path.isdir(name):
+        raise ValueError(f"cannot read {name}")
+    return load_dataset(name, name=config)
+
+
+def model_init_kwargs(model_args, training_args) -> dict:
+    """`from_pretrained` arguments from TRL's `ModelConfig` and the training arguments, as `trl sft` builds them."""
+    import torch
+    from trl import get_quantization_config
+
+    dtype = model_args.dtype
+    return dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=getattr(torch, dtype) if dtype not in (None, "auto") else dtype,
+        quantization_config=get_quantization_config(model_args),
+        **(training_args.model_init_kwargs or {}),
+    )

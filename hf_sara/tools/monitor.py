@@ -27,8 +27,18 @@ from ..routing.discovery import find_routers, no_router_error
 from ..routing.layers import LayerSelection, resolve_layers
 from ..routing.loss import js_divergence
 from ..routing.patching import get_routing_state, patch_model, unpatch_model
-from ..training.paired_data import LANGUAGE_COLUMN, PairedFormat, anchored_rows, detect_paired_format
-from .analysis import ANCHOR_LANGUAGE, RoutingReport, plot_layer_divergence
+from ..training.paired_data import (
+    DEFAULT_ANCHOR_PREFIX,
+    MESSAGES_FIELDS,
+    PROMPT_COMPLETION_FIELDS,
+    TEXT_FIELD,
+    TOKENIZED_FIELDS,
+    PairedFormat,
+    anchored_subset,
+    detect_paired_format,
+    languages_of,
+)
+from .analysis import ANCHOR_LANGUAGE, UNKNOWN_LANGUAGE, RoutingReport, plot_layer_divergence
 
 logger = logging.get_logger(__name__)
 
@@ -53,7 +63,7 @@ def encode_pairs(
     """
     truncation = {"truncation": max_length is not None, "max_length": max_length}
     columns = [prefix + name for name in paired_format.fields]
-    if paired_format.fields == ("input_ids",):
+    if paired_format.fields == TOKENIZED_FIELDS:
         sequences = [list(ids) for ids in dataset[columns[0]]]
         if max_length is None:
             return sequences
@@ -63,7 +73,9 @@ def encode_pairs(
     for values in zip(*(dataset[column] for column in columns), strict=True):
         example = dict(zip(paired_format.fields, values, strict=True))
         if is_conversational(example):
-            messages = example["messages"] if "messages" in example else example["prompt"] + example["completion"]
+            messages = example.get(MESSAGES_FIELDS[0]) or [
+                turn for name in PROMPT_COMPLETION_FIELDS for turn in example[name]
+            ]
             text = tokenizer.apply_chat_template(messages, tokenize=False)
             sequences.append(tokenizer(text, add_special_tokens=False, **truncation)["input_ids"])
         else:
@@ -110,7 +122,8 @@ class RoutingDivergenceCallback(TrainerCallback):
 
     Under DDP, FSDP2 and DeepSpeed the batches of pairs are dealt round-robin over the ranks, the per-pair divergences
     gathered, and every rank logs the same values (only the main process's reporters write them, as for the trainer's
-    own loss): the values of one process measuring every pair.
+    own loss): the values of one process measuring every pair (tested under DDP and FSDP2 on 2 processes; DeepSpeed
+    ZeRO-3 goes through the engine's forward, checked by hand only).
 
     Args:
         trainer ([`~transformers.Trainer`]):
@@ -178,13 +191,10 @@ class RoutingDivergenceCallback(TrainerCallback):
         self.rows_measured = 0
 
         args = trainer.args
-        prefix = anchor_prefix or getattr(args, "anchor_prefix", None) or "anchor_"
-        paired_format = detect_paired_format(pairs.column_names, prefix, getattr(args, "dataset_text_field", "text"))
-        has_anchor = anchored_rows(pairs, paired_format)
-        anchored = [index for index, flag in enumerate(has_anchor) if flag]
-        if not anchored:
-            raise ValueError("No row of `pairs` has an anchor to compare with.")
-        pairs = pairs.select(anchored)
+        prefix = anchor_prefix or getattr(args, "anchor_prefix", None) or DEFAULT_ANCHOR_PREFIX
+        text_field = getattr(args, "dataset_text_field", TEXT_FIELD)
+        paired_format = detect_paired_format(pairs.column_names, prefix, text_field)
+        pairs = anchored_subset(pairs, paired_format)
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         if tokenizer is None:
             raise ValueError("The trainer has no `processing_class` (tokenizer) to tokenize the pairs with.")
@@ -192,8 +202,7 @@ class RoutingDivergenceCallback(TrainerCallback):
         self._anchors = encode_pairs(pairs, paired_format, prefix, tokenizer, max_length)
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._pad_token_id = pad_token_id if pad_token_id is not None else 0
-        languages = pairs[LANGUAGE_COLUMN] if LANGUAGE_COLUMN in pairs.column_names else [None] * len(pairs)
-        languages = ["unknown" if language is None else str(language) for language in languages]
+        languages = languages_of(pairs, missing=UNKNOWN_LANGUAGE)
         self._languages = list(dict.fromkeys(languages))
         self._language_of_row = torch.tensor([self._languages.index(language) for language in languages])
 

@@ -138,13 +138,18 @@ def write_jsonl(rows: list[dict], path: str) -> None:
 
 
 def split_by_item(dataset: Dataset, held_out: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """Splits pairs so that all translations of one anchor fall on the same side (no leak across languages)."""
-    # Keyed by the anchor's first column (its prompt, or its text): the same for every translation of one item.
-    anchor_texts = dataset[detect_paired_format(dataset.column_names).anchor_columns[0]]
-    anchors = sorted(set(anchor_texts))
+    """
+    Splits pairs so that all translations of one anchor fall on the same side (no leak across languages); rows
+    without an anchor stay on the training side.
+    """
+    # Keyed by the anchor's first column (its prompt, its text or its messages, as JSON when it is not a text): the
+    # same for every translation of one item.
+    column = dataset[detect_paired_format(dataset.column_names).anchor_columns[0]]
+    keys = [None if value is None else value if isinstance(value, str) else json.dumps(value) for value in column]
+    anchors = sorted({key for key in keys if key is not None})
     random.Random(seed).shuffle(anchors)
     test_anchors = set(anchors[: max(1, int(len(anchors) * held_out))])
-    is_test = [anchor in test_anchors for anchor in anchor_texts]
+    is_test = [key in test_anchors for key in keys]
     train = dataset.select([i for i, flag in enumerate(is_test) if not flag])
     test = dataset.select([i for i, flag in enumerate(is_test) if flag])
     return train, test

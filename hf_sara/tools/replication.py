@@ -4,25 +4,30 @@ one table beside the paper's numbers, and the routing analysis. Every finished s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from ..files import atomic_write
+from ..files import atomic_directory, atomic_write, complete_checkpoint
 from ..routing.layers import DEFAULT_LAYERS, resolve_layers
 from ..routing.patching import patch_model
-from ..training.config import SARAConfig
-from ..training.paired_data import detect_paired_format
+from ..testing import load_demo_pairs, save_tiny_model
+from ..training.config import SARAConfig, convert_training_arguments
+from ..training.paired_data import anchored_subset, detect_paired_format, examples_only, plain_texts
 from ..training.trainer import SARATrainer
 from .analysis import RoutingReport, analyze_routing, write_report
+from .eval_files import sample_eval_files
 from .evaluation import EvalSettings, evaluate_and_report, parse_sources
+from .pairs import split_by_item
 from .reporting import markdown_table, write_csv
 
 BASE = "base"
@@ -69,12 +74,6 @@ def parse_benchmarks(specs: Sequence[str]) -> dict[str, list[str]]:
     return benchmarks
 
 
-def _sft_config(args: SARAConfig) -> SFTConfig:
-    """The same training settings without SARA's, for TRL's plain `SFTTrainer`."""
-    names = {field.name for field in dataclasses.fields(SFTConfig) if field.init}
-    return SFTConfig(**{name: getattr(args, name) for name in names})
-
-
 class Replication:
     """
     The published comparison in `output_dir`: `<arm>/model` (the trained model and tokenizer), `<arm>/run`
@@ -107,11 +106,19 @@ class Replication:
         model_kwargs: dict[str, Any] | None = None,
         log: Callable[[str], None] = print,
     ):
-        detect_paired_format(train_dataset.column_names, training_args.anchor_prefix, training_args.dataset_text_field)
+        self.paired_format = detect_paired_format(
+            train_dataset.column_names, training_args.anchor_prefix, training_args.dataset_text_field
+        )
+        self.sources = {}
         for benchmark, specs in benchmarks.items():
-            parse_sources([spec for spec in specs if not _is_file(spec)], [spec for spec in specs if _is_file(spec)])
             if not specs:
                 raise ValueError(f"The benchmark {benchmark!r} has no source.")
+            self.sources[benchmark] = parse_sources(
+                [spec for spec in specs if not _is_file(spec)], [spec for spec in specs if _is_file(spec)]
+            )
+        if analysis_pairs is not None:  # checked now, not after hours of training
+            paired_format = detect_paired_format(analysis_pairs.column_names, training_args.anchor_prefix)
+            plain_texts(anchored_subset(analysis_pairs, paired_format).select([0]), paired_format)
         self.output_dir = output_dir
         self.model_name = model_name
         self.train_dataset = train_dataset
@@ -120,6 +127,10 @@ class Replication:
         self.benchmarks = dict(benchmarks)
         self.eval_settings = eval_settings
         self.analysis_pairs = analysis_pairs
+        self._pairs_digest = None
+        if analysis_pairs is not None:
+            rows = json.dumps(analysis_pairs.to_dict(), sort_keys=True, default=str)
+            self._pairs_digest = hashlib.sha256(rows.encode()).hexdigest()
         self.model_kwargs = model_kwargs or {}
         self.log = log
 
@@ -128,8 +139,17 @@ class Replication:
     def model_dir(self, arm: str) -> str:
         return self.model_name if arm == BASE else os.path.join(self.output_dir, arm, "model")
 
+    def _record_path(self, arm: str) -> str:
+        return os.path.join(self.output_dir, arm, COMPLETE_FILE_NAME)
+
     def is_trained(self, arm: str) -> bool:
-        return os.path.isfile(os.path.join(self.output_dir, arm, COMPLETE_FILE_NAME))
+        return os.path.isfile(self._record_path(arm))
+
+    def _identity(self, arm: str) -> dict[str, Any]:
+        """What a model's results depend on: the base model's name, or the trained arm's record."""
+        if arm == BASE:
+            return {"model": self.model_name, "revision": self.model_kwargs.get("revision")}
+        return _read_json(self._record_path(arm))
 
     def train(self, arm: str) -> None:
         """Trains one arm from the base model and saves it, unless a finished run of it is there already."""
@@ -142,54 +162,53 @@ class Replication:
         args = dataclasses.replace(self.training_args, output_dir=run_dir, **(ARMS[arm] or {}))
         model = AutoModelForCausalLM.from_pretrained(self.model_name, **self.model_kwargs)
         if ARMS[arm] is None:
-            paired_format = detect_paired_format(self.train_dataset.column_names, args.anchor_prefix)
-            examples = self.train_dataset.remove_columns(paired_format.anchor_columns)
             trainer = SFTTrainer(
-                model=model, args=_sft_config(args), train_dataset=examples, processing_class=self.tokenizer
+                model=model,
+                args=convert_training_arguments(args, SFTConfig),
+                train_dataset=examples_only(self.train_dataset, self.paired_format),
+                processing_class=self.tokenizer,
             )
         else:
             trainer = SARATrainer(
                 model=patch_model(model), args=args, train_dataset=self.train_dataset, processing_class=self.tokenizer
             )
-        resume = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+        # An interrupted arm resumes from its last complete checkpoint (one cut short while saving is skipped).
+        resume = complete_checkpoint(True, run_dir, args.max_steps, required=False)
         self.log(f"{arm}: training" + (f", resumed from {resume}" if resume else ""))
         result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(self.model_dir(arm))
         if trainer.is_world_process_zero():
             self.tokenizer.save_pretrained(self.model_dir(arm))
-            record = {
-                "arm": arm,
-                "settings": ARMS[arm],
-                "steps": result.global_step,
-                "loss": result.training_loss,
-            }
-            with atomic_write(os.path.join(self.output_dir, arm, COMPLETE_FILE_NAME)) as path:
-                with open(path, "w", encoding="utf-8") as handle:
-                    json.dump(record, handle, indent=2)
+            record = {"arm": arm, "settings": ARMS[arm], "steps": result.global_step, "loss": result.training_loss}
+            _write_json(self._record_path(arm), record)
         trainer.accelerator.wait_for_everyone()
 
     # Evaluation -------------------------------------------------------------------------------------------------
 
     def evaluate(self, arm: str) -> dict[str, dict[str, float]]:
-        """Accuracy per benchmark and language of one model (`"base"` or a trained arm); kept and reused."""
+        """
+        Accuracy per benchmark and language of one model (`"base"` or a trained arm). Kept beside what it depends on
+        (the model, the sources, the evaluation settings) and reused only while they are the same.
+        """
         if arm != BASE and not self.is_trained(arm):
             raise ValueError(f"The arm {arm!r} is not trained yet: run its training first.")
         results = {}
-        for benchmark, specs in self.benchmarks.items():
+        for benchmark, sources in self.sources.items():
             folder = os.path.join(self.output_dir, "eval", arm, benchmark)
             scores_path = os.path.join(folder, SCORES_FILE_NAME)
-            if os.path.isfile(scores_path):
-                with open(scores_path, encoding="utf-8") as handle:
-                    results[benchmark] = json.load(handle)
+            depends_on = {
+                "model": self._identity(arm),
+                "sources": [dataclasses.asdict(source) for source in sources],
+                "settings": dataclasses.asdict(self.eval_settings),
+            }
+            kept = _read_json(scores_path) if os.path.isfile(scores_path) else None
+            if kept is not None and kept.get("depends_on") == json.loads(json.dumps(depends_on)):
+                results[benchmark] = kept["scores"]
                 continue
             self.log(f"{arm}: evaluating {benchmark}")
-            sources = parse_sources([s for s in specs if not _is_file(s)], [s for s in specs if _is_file(s)])
-            scores, _ = evaluate_and_report(
-                self.model_dir(arm), None, sources, folder, self.eval_settings, log=self.log
-            )
+            scores, _ = evaluate_and_report(self.model_dir(arm), None, sources, folder, self.eval_settings, self.log)
             results[benchmark] = {language: score.score for language, score in scores["model"].items()}
-            with atomic_write(scores_path) as path, open(path, "w", encoding="utf-8") as handle:
-                json.dump(results[benchmark], handle, indent=2)
+            _write_json(scores_path, {"depends_on": depends_on, "scores": results[benchmark]})
         return results
 
     # Routing analysis -------------------------------------------------------------------------------------------
@@ -200,19 +219,28 @@ class Replication:
             return {}
         folder = os.path.join(self.output_dir, "analysis")
         done_path = os.path.join(folder, ANALYSED_FILE_NAME)
-        if os.path.isfile(done_path):
-            with open(done_path, encoding="utf-8") as handle:
-                done = json.load(handle)
-            if done["models"] == [BASE, *arms]:
-                return done["paths"]
+        depends_on = {
+            "models": {arm: self._identity(arm) for arm in (BASE, *arms)},
+            "pairs": self._pairs_digest,
+        }
+        if os.path.isfile(done_path) and _read_json(done_path).get("depends_on") == depends_on:
+            return _read_json(done_path)["paths"]
+        tokenizer = copy.deepcopy(self.tokenizer)  # right padding, a pad token: as `hf-sara analyze` sets them
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        settings = self.eval_settings
+        placement = {"device_map": settings.device_map} if settings.device_map else {}
         reports: dict[str, RoutingReport] = {}
         for arm in (BASE, *arms):
-            model = patch_model(AutoModelForCausalLM.from_pretrained(self.model_dir(arm), **self.model_kwargs))
-            reports[arm] = analyze_routing(model, self.tokenizer, self.analysis_pairs)
-        layers = len(next(iter(reports[BASE].divergence.values())))
-        paths = write_report(reports, folder, resolve_layers(DEFAULT_LAYERS, layers))
-        with atomic_write(done_path) as path, open(path, "w", encoding="utf-8") as handle:
-            json.dump({"models": [BASE, *arms], "paths": paths}, handle, indent=2)
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir(arm), **self.model_kwargs, **placement)
+            if not placement:
+                model = model.to(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            reports[arm] = analyze_routing(patch_model(model), tokenizer, self.analysis_pairs)
+            del model  # one model in memory at a time
+        num_layers = len(next(iter(reports[BASE].divergence.values())))
+        paths = write_report(reports, folder, resolve_layers(DEFAULT_LAYERS, num_layers))
+        _write_json(done_path, {"depends_on": depends_on, "paths": paths})
         return paths
 
     # Report -----------------------------------------------------------------------------------------------------
@@ -233,18 +261,30 @@ class Replication:
             write_csv(path, rows)
         return rows, paths
 
-    def run(self, arms: Sequence[str] = tuple(ARMS), evaluate: bool = True) -> dict[str, Any]:
-        """Trains the arms (skipping finished ones), then, when `evaluate`, evaluates, analyses and reports."""
+    def run(self, arms: Sequence[str] = tuple(ARMS), with_evaluation: bool = True) -> dict[str, Any]:
+        """
+        Trains the arms (skipping finished ones), then, with `with_evaluation`, evaluates the base and every trained
+        arm, writes the table, and analyses their routing.
+        """
         for arm in arms:
             self.train(arm)
-        if not evaluate:
+        if not with_evaluation:
             return {}
         trained = [arm for arm in ARMS if self.is_trained(arm)]
         results = {arm: self.evaluate(arm) for arm in (BASE, *trained)}
-        paths = self.analyze(trained)
-        rows, table_paths = self.report(results)
-        analysis_paths = {f"analysis_{kind}": path for kind, path in paths.items()}
+        rows, table_paths = self.report(results)  # before the analysis: the table does not wait for it
+        analysis_paths = {f"analysis_{kind}": path for kind, path in self.analyze(trained).items()}
         return {"results": results, "rows": rows, "paths": {**table_paths, **analysis_paths}}
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _write_json(path: str, value: Any) -> None:
+    with atomic_write(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2)
 
 
 def _is_file(spec: str) -> bool:
@@ -267,3 +307,23 @@ def replication_table(
             row[f"paper {arm}"] = published if published is not None else "-"
         rows.append(row)
     return rows
+
+
+def tiny_setup(output_dir: str, training_args: SARAConfig) -> tuple[str, Dataset, Dataset, SARAConfig, list[str]]:
+    """
+    The tiny offline replication: a tiny untrained Qwen3-MoE saved in `output_dir/tiny-model`, the embedded pairs
+    split by item, a 4-step CPU budget, and the shipped Swahili and English sample questions as one benchmark.
+
+    Returns:
+        `tuple`: the model folder, the training and analysis pairs, the training arguments and the benchmarks.
+    """
+    model_dir = os.path.join(output_dir, "tiny-model")
+    if not os.path.isdir(model_dir):
+        with atomic_directory(model_dir) as staging:  # a killed run leaves no half-saved model
+            save_tiny_model(staging)
+    train, test = split_by_item(load_demo_pairs())
+    budget = dict(max_steps=4, per_device_train_batch_size=8, gradient_accumulation_steps=1, use_cpu=True)
+    budget.update(bf16=False, gradient_checkpointing=False, max_length=64, logging_steps=1, report_to=[])
+    samples = sample_eval_files()
+    benchmarks = [f"global_mmlu:{language}={samples[language]}" for language in ("sw", "en")]
+    return model_dir, train, test, dataclasses.replace(training_args, **budget), benchmarks

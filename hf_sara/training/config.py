@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import SFTConfig
 
 from ..routing.layers import DEFAULT_LAYERS
+from .paired_data import DEFAULT_ANCHOR_PREFIX
 
 ANCHOR_MODES = ("offline", "online")
 POOLING_MODES = ("all", "prompt", "completion")
@@ -118,7 +121,7 @@ class SARAConfig(SFTConfig):
         "loss).",
     )
     anchor_prefix: str = field(
-        default="anchor_",
+        default=DEFAULT_ANCHOR_PREFIX,
         metadata={
             "help": "Prefix of the dataset columns that hold the anchor: anchor_prompt/anchor_completion, "
             "anchor_messages or anchor_text."
@@ -170,3 +173,14 @@ class SARAConfig(SFTConfig):
             )
         if self.sara_anchor_path is not None and self.sara_anchor_mode != "offline":
             raise ValueError("`sara_anchor_path` gives offline anchors; set `sara_anchor_mode='offline'` to use it.")
+
+
+def convert_training_arguments(args: TrainingArguments, target: type[TrainingArguments]) -> TrainingArguments:
+    """
+    `args` as a `target` (`SARAConfig` from an `SFTConfig`, or back): the fields both have, field by field, not
+    through `to_dict()`, which masks every `*_token` field (hub_token, eos_token, ...).
+    """
+    names = {field.name for field in dataclasses.fields(target) if field.init}
+    return target(
+        **{field.name: getattr(args, field.name) for field in dataclasses.fields(args) if field.name in names}
+    )

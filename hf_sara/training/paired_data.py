@@ -19,6 +19,7 @@ LANGUAGE_COLUMN = "language"  # optional: the example's language, for per-langua
 DEFAULT_ANCHOR_PREFIX = "anchor_"  # `SARAConfig.anchor_prefix`: the anchor's columns are the example's under it
 PROMPT_COMPLETION_FIELDS = ("prompt", "completion")
 MESSAGES_FIELDS = ("messages",)
+TOKENIZED_FIELDS = ("input_ids",)
 TEXT_FIELD = "text"  # `SFTConfig.dataset_text_field`'s default
 
 
@@ -52,7 +53,7 @@ class PairedFormat:
 
 def _formats(text_field: str) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     return [
-        (("input_ids",), ("labels", "completion_mask", "assistant_masks")),
+        (TOKENIZED_FIELDS, ("labels", "completion_mask", "assistant_masks")),
         (PROMPT_COMPLETION_FIELDS, ()),
         (MESSAGES_FIELDS, ()),
         ((text_field,), ()),
@@ -143,7 +144,7 @@ def anchored_rows(dataset: Dataset, paired_format: PairedFormat) -> list[bool]:
             )
         example = {name: row[name] for name in paired_format.fields}
         anchor = {name: row[paired_format.anchor_prefix + name] for name in paired_format.fields}
-        if paired_format.fields != ("input_ids",) and is_conversational(example) != is_conversational(anchor):
+        if paired_format.fields != TOKENIZED_FIELDS and is_conversational(example) != is_conversational(anchor):
             kinds = ("conversational", "plain text")
             raise ValueError(
                 f"Row {index}: the example is {kinds[not is_conversational(example)]} but its anchor is "
@@ -187,7 +188,7 @@ def plain_texts(dataset: Dataset, paired_format: PairedFormat, anchors: bool = F
     if paired_format.fields == PROMPT_COMPLETION_FIELDS and not is_conversational(dataset[0]):
         prompts, completions = (dataset[prefix + name] for name in PROMPT_COMPLETION_FIELDS)
         return [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)]
-    if len(paired_format.fields) == 1 and paired_format.fields not in (MESSAGES_FIELDS, ("input_ids",)):
+    if len(paired_format.fields) == 1 and paired_format.fields not in (MESSAGES_FIELDS, TOKENIZED_FIELDS):
         return list(dataset[prefix + paired_format.fields[0]])
     raise ValueError(
         f"This needs plain-text pairs: `prompt`/`completion` and `{paired_format.anchor_prefix}prompt`/"
@@ -201,3 +202,21 @@ def languages_of(dataset: Dataset, missing: str | None = None) -> list[str | Non
     if LANGUAGE_COLUMN not in dataset.column_names:
         return [missing] * len(dataset)
     return [missing if language is None else str(language) for language in dataset[LANGUAGE_COLUMN]]
+
+
+def examples_only(dataset: Dataset, paired_format: PairedFormat) -> Dataset:
+    """The dataset without its anchors' columns: the examples, as plain SFT trains on them."""
+    return dataset.remove_columns([name for name in paired_format.anchor_columns if name in dataset.column_names])
+
+
+def anchored_subset(dataset: Dataset, paired_format: PairedFormat) -> Dataset:
+    """
+    The rows that have an anchor (checked as [`anchored_rows`] checks them).
+
+    Raises:
+        `ValueError`: when no row has one.
+    """
+    has_anchor = anchored_rows(dataset, paired_format)
+    if not any(has_anchor):
+        raise ValueError("No row of the dataset has an anchor to compare with.")
+    return dataset.select([index for index, flag in enumerate(has_anchor) if flag])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -39,7 +38,7 @@ from .anchors import (
     stored_dataset_names,
 )
 from .collator import ANCHOR_KEY_PREFIX, ROW_IDS_KEY, AnchorStore, SARADataCollator
-from .config import SARAConfig
+from .config import SARAConfig, convert_training_arguments
 from .paired_data import (
     LANGUAGE_COLUMN,
     ROW_COLUMN,
@@ -106,13 +105,7 @@ class SARATrainer(SFTTrainer):
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = SARAConfig(f"{name.split('/')[-1]}-SARA")
         elif not isinstance(args, SARAConfig):
-            # Field by field, not through `to_dict()`, which masks every `*_token` field (hub_token, eos_token, ...).
-            values = {
-                field.name: getattr(args, field.name)
-                for field in dataclasses.fields(args)
-                if field.init and field.name in SARAConfig.__dataclass_fields__
-            }
-            args = SARAConfig(**values)
+            args = convert_training_arguments(args, SARAConfig)
         if kwargs.get("formatting_func") is not None:
             raise ValueError(
                 "SARATrainer does not take a `formatting_func`: it would format the examples but not their anchors. "
@@ -548,16 +541,18 @@ class SARATrainer(SFTTrainer):
             weight *= min(1.0, (self.state.global_step + 1) / warmup_steps)
         return weight
 
-    def _alignment_scale(self, mode: str) -> float:
+    def _alignment_scale(self, mode: str, num_items_in_batch: Any) -> float:
         """
         1 for `sara_loss_reduction="mean"`. For `"sum"`, the factor that turns the mean over the micro-batches and
         processes of one optimizer step into their sum, as the authors' released code weighted its term: the
-        accumulation steps, times the number of processes when `average_tokens_across_devices` (as `Trainer` scales
-        losses that models normalise themselves).
+        accumulation steps, times the processes when `Trainer.compute_loss` scales losses that models normalise
+        themselves (`average_tokens_across_devices` with a token count: `num_processes // tp_size`).
         """
         if self.args.sara_loss_reduction == "mean" or mode != "train":
             return 1.0
-        processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        processes = 1
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            processes = self.accelerator.num_processes // self.get_tp_size()
         return float(self.current_gradient_accumulation_steps * processes)
 
     def _forward_anchors(self, model: nn.Module, anchor_inputs: dict[str, Any], with_sft: bool):
@@ -626,7 +621,7 @@ class SARATrainer(SFTTrainer):
         divergences = alignment_divergences(distributions, anchors, anchored, self._sara_layer_indices)
         alignment_loss, _ = masked_layer_mean(divergences, anchored)
         weight = self.current_sara_weight() if mode == "train" else self.args.sara_weight
-        extra = weight * self._alignment_scale(mode) * alignment_loss
+        extra = weight * self._alignment_scale(mode, num_items_in_batch) * alignment_loss
         if anchor_sft_loss is not None:
             extra = extra + self.args.anchor_sft_weight * anchor_sft_loss
         # Like SFTTrainer's aux loss: a per-micro-batch mean, averaged over the accumulation steps when `Trainer`
@@ -696,6 +691,13 @@ class SARATrainer(SFTTrainer):
             return
         path = os.path.join(self.args.output_dir, "README.md")
         languages = ", ".join(map(str, self._sara_store.languages)) or "not given (no `language` column)"
+        reduction = self.args.sara_loss_reduction
+        if reduction == "sum":
+            processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            reduction += (
+                f": summed over {self.args.gradient_accumulation_steps} accumulation steps x {processes} processes "
+                f"(effective weight {self.args.sara_weight * self.args.gradient_accumulation_steps * processes:g})"
+            )
         section = "\n".join(
             [
                 "",
@@ -710,6 +712,7 @@ class SARATrainer(SFTTrainer):
                 f"| sara_weight | {self.args.sara_weight} |",
                 f"| sara_layers | `{self.args.sara_layers}`: MoE layers {self._sara_layer_indices} of "
                 f"{self._sara_num_layers} |",
+                f"| sara_loss_reduction | {reduction} |",
                 f"| sara_anchor_mode | {self.args.sara_anchor_mode} |",
                 f"| sara_pooling | {self.args.sara_pooling} |",
                 f"| sara_warmup_ratio | {self.args.sara_warmup_ratio} |",
