@@ -11,7 +11,6 @@ from trl import SFTConfig, SFTTrainer
 from hf_sara.cli import main
 from hf_sara.files import complete_checkpoint
 from hf_sara.testing import load_demo_pairs
-from hf_sara.tools.eval_files import sample_eval_files
 from hf_sara.tools.pairs import split_by_item
 from hf_sara.tools.replication import ARMS, PAPER_RESULTS, parse_benchmarks, published_benchmarks
 
@@ -24,20 +23,11 @@ def _mtimes(root, arm):
 
 
 @pytest.fixture(scope="module")
-def belebele_file(tmp_path_factory):
-    """A second local benchmark: the first four Swahili questions of the shipped sample."""
-    path = tmp_path_factory.mktemp("eval") / "belebele_sw.jsonl"
-    with open(sample_eval_files()["sw"], encoding="utf-8") as handle:
-        path.write_text("".join(handle.readlines()[:4]), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def replication(tmp_path_factory, belebele_file):
-    """An interrupted tiny replication (the SFT arm trained only), then the whole run; its root and the output."""
+def replication(tmp_path_factory):
+    """An interrupted tiny replication (the SFT arm trained only); its root, command and the SFT arm's files."""
     root = tmp_path_factory.mktemp("replication")
-    benchmarks = ["--benchmarks", f"global_mmlu:sw={sample_eval_files()['sw']}", f"belebele:sw={belebele_file}"]
-    command = ["replicate", "--tiny", "--output_dir", str(root), *benchmarks]
+    # The tiny default benchmark: the shipped Swahili and English sample questions, one harness run per model.
+    command = ["replicate", "--tiny", "--output_dir", str(root)]
     assert main([*command, "--stage", "train", "--arms", "full_ft"]) == 0
     assert (root / "full_ft" / "arm_complete.json").is_file() and not (root / "sara").exists()
     sft_files = _mtimes(root, "full_ft")
@@ -56,15 +46,16 @@ def test_tiny_replication_trains_evaluates_reports_and_resumes(replication, caps
         record = json.loads((root / arm / "arm_complete.json").read_text())
         assert record["settings"] == ARMS[arm] and record["steps"] == 4
     table = (root / "replication.md").read_text()
-    assert "| global_mmlu | sw |" in table and "| belebele | sw |" in table
+    assert "| global_mmlu | en,sw |" in table
     assert f"{PAPER_RESULTS['global_mmlu']['sara']:.2f}" in table
     for name in ("layer_divergence.png", "expert_usage_base.png", "expert_usage_sara_all_layers.png"):
         assert (root / "analysis" / name).is_file()
     # The table's numbers are the evaluated accuracies, averaged over the languages, in percent.
     last_row = table.strip().splitlines()[-1]
     for arm in ("base", *ARMS):
-        scores = json.loads((root / "eval" / arm / "belebele" / "scores.json").read_text())
-        assert f"{100 * scores['scores']['sw']:.2f}" in last_row
+        scores = json.loads((root / "eval" / arm / "global_mmlu" / "scores.json").read_text())["scores"]
+        assert scores.keys() == {"en", "sw"}
+        assert f"{100 * (scores['en'] + scores['sw']) / 2:.2f}" in last_row
 
     # Nothing finished is redone.
     scores_time = os.stat(root / "eval" / "sara" / "global_mmlu" / "scores.json").st_mtime_ns
@@ -77,15 +68,15 @@ def test_tiny_replication_trains_evaluates_reports_and_resumes(replication, caps
     assert (root / "replication.md").read_text() == table
 
     # Scores kept under other settings are not reused: only that one evaluation runs again.
-    kept_path = root / "eval" / "base" / "belebele" / "scores.json"
+    kept_path = root / "eval" / "base" / "global_mmlu" / "scores.json"
     kept = json.loads(kept_path.read_text())
     kept["depends_on"]["settings"]["limit"] = 2
     kept_path.write_text(json.dumps(kept))
-    other_time = os.stat(root / "eval" / "base" / "global_mmlu" / "scores.json").st_mtime_ns
+    other_time = os.stat(root / "eval" / "sara" / "global_mmlu" / "scores.json").st_mtime_ns
     assert main(command) == 0
-    assert "base: evaluating belebele" in capsys.readouterr().out
+    assert "base: evaluating global_mmlu" in capsys.readouterr().out
     assert json.loads(kept_path.read_text())["depends_on"]["settings"]["limit"] is None
-    assert os.stat(root / "eval" / "base" / "global_mmlu" / "scores.json").st_mtime_ns == other_time
+    assert os.stat(root / "eval" / "sara" / "global_mmlu" / "scores.json").st_mtime_ns == other_time
 
 
 def test_an_interrupted_arm_resumes_from_its_last_complete_checkpoint(tmp_path):
