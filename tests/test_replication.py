@@ -94,7 +94,7 @@ def test_the_sft_arm_is_plain_sft_trainer_on_the_examples(replication, tmp_path)
     train, _ = split_by_item(load_demo_pairs())
     examples = train.remove_columns(["anchor_prompt", "anchor_completion"])
     base = root / "tiny-model"
-    settings = dict(max_steps=4, per_device_train_batch_size=8, use_cpu=True, bf16=False, max_length=64)
+    settings = dict(max_steps=4, per_device_train_batch_size=8, bf16=False, max_length=64)
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(base),
         args=SFTConfig(output_dir=str(tmp_path / "sft"), report_to=[], gradient_checkpointing=False, **settings),
@@ -123,3 +123,16 @@ def test_peft_and_unknown_arms_are_refused(tmp_path, capsys):
     assert "full fine-tuning" in capsys.readouterr().err
     assert main(["replicate", "--tiny", "--output_dir", str(tmp_path), "--arms", "lora"]) == 2
     assert "unknown arm(s) ['lora']" in capsys.readouterr().err
+
+
+def test_one_arm_per_launch_on_two_processes(tmp_path):
+    from .test_distributed import launch
+
+    root = tmp_path / "replication"
+    command = ["-m", "hf_sara.cli", "replicate", "--tiny", "--output_dir", str(root), "--use_cpu", "true"]
+    launch("ddp", *command, "--stage", "train", "--arms", "sara")
+    record = json.loads((root / "sara" / "arm_complete.json").read_text())
+    assert record["steps"] == 4 and (root / "sara" / "model" / "model.safetensors").is_file()
+    # The evaluation runs in one process: asking for it under `accelerate launch` is refused, with the way to do it.
+    refused = launch("ddp", *command, check=False)
+    assert refused.returncode != 0 and "one arm per launch" in refused.stdout + refused.stderr

@@ -1,6 +1,6 @@
 """Writes the example notebooks (examples/notebooks/*.ipynb) from the cells below.
 
-    python utils/make_notebooks.py
+    python utils/make_notebooks.py && ruff format examples/notebooks
 
 The notebooks run on Colab as they are; with `HF_SARA_TINY=1` they use a tiny local MoE and run offline in seconds,
 which is how the tests execute them.

@@ -44,7 +44,8 @@ class ReplicationArguments:
         default=False,
         metadata={
             "help": "offline smoke run: a tiny untrained Qwen3-MoE, the embedded pairs and the shipped sample eval "
-            "files (unless --benchmarks is given), 4 steps on the CPU"
+            "files (unless --benchmarks is given), 4 training steps (on CPUs under `accelerate launch`, add --use_cpu "
+            "true, as for any CPU training)"
         },
     )
 
@@ -87,7 +88,8 @@ def replicate_command(argv: list[str]) -> int:
         require_lm_eval()
     os.makedirs(training_args.output_dir, exist_ok=True)
     if options.tiny:
-        model_name, train, analysis, training_args, specs = tiny_setup(training_args.output_dir, training_args)
+        with state.main_process_first():  # one process writes the tiny model, the others read it
+            model_name, train, analysis, training_args, specs = tiny_setup(training_args.output_dir, training_args)
         specs = options.benchmarks or specs
     else:
         if not model_args.model_name_or_path or not script_args.dataset_name:

@@ -311,8 +311,9 @@ def replication_table(
 
 def tiny_setup(output_dir: str, training_args: SARAConfig) -> tuple[str, Dataset, Dataset, SARAConfig, list[str]]:
     """
-    The tiny offline replication: a tiny untrained Qwen3-MoE saved in `output_dir/tiny-model`, the embedded pairs
-    split by item, a 4-step CPU budget, and the shipped Swahili and English sample questions as one benchmark.
+    The tiny offline replication: a tiny untrained Qwen3-MoE saved in `output_dir/tiny-model`, the embedded pairs split
+    by item, a 4-step budget (fp32, on the device the arguments chose), and the shipped Swahili and English sample
+    questions as one benchmark.
 
     Returns:
         `tuple`: the model folder, the training and analysis pairs, the training arguments and the benchmarks.
@@ -322,7 +323,7 @@ def tiny_setup(output_dir: str, training_args: SARAConfig) -> tuple[str, Dataset
         with atomic_directory(model_dir) as staging:  # a killed run leaves no half-saved model
             save_tiny_model(staging)
     train, test = split_by_item(load_demo_pairs())
-    budget = dict(max_steps=4, per_device_train_batch_size=8, gradient_accumulation_steps=1, use_cpu=True)
+    budget = dict(max_steps=4, per_device_train_batch_size=8, gradient_accumulation_steps=1)
     budget.update(bf16=False, gradient_checkpointing=False, max_length=64, logging_steps=1, report_to=[])
     samples = sample_eval_files()
     benchmarks = [f"global_mmlu:{language}={samples[language]}" for language in ("sw", "en")]
