@@ -136,3 +136,22 @@ def test_one_arm_per_launch_on_two_processes(tmp_path):
     # The evaluation runs in one process: asking for it under `accelerate launch` is refused, with the way to do it.
     refused = launch("ddp", *command, check=False)
     assert refused.returncode != 0 and "one arm per launch" in refused.stdout + refused.stderr
+
+
+def test_analysis_pairs_without_plain_text_are_refused_before_training(tmp_path):
+    from datasets import Dataset
+
+    from hf_sara import SARAConfig
+    from hf_sara.tools.evaluation import EvalSettings
+    from hf_sara.tools.replication import Replication
+
+    train, _ = split_by_item(load_demo_pairs())
+    chat = Dataset.from_dict(
+        {"messages": [[{"role": "user", "content": "x"}]], "anchor_messages": [[{"role": "user", "content": "y"}]]}
+    )
+    with pytest.raises(ValueError, match="plain-text pairs"):
+        Replication(
+            str(tmp_path), "unused", train, None, SARAConfig(output_dir=str(tmp_path)), published_benchmarks(),
+            EvalSettings(), analysis_pairs=chat,
+        )  # fmt: skip
+    assert not os.listdir(tmp_path)  # nothing trained or written
