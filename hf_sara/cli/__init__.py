@@ -3,18 +3,11 @@ subcommand (arguments and printing only); the work is done by `hf_sara.training`
 
 from __future__ import annotations
 
+import importlib
 import sys
-from collections.abc import Callable
 
 from ..files import OutputDirectoryLockedError
-from .analyze import analyze_command
 from .common import CommandError
-from .demo import demo_command
-from .eval import eval_command
-from .merge import merge_command
-from .pairs import pairs_command
-from .replicate import replicate_command
-from .train import anchors_command, train_command
 
 USAGE = """hf-sara <command> [options]
 
@@ -36,15 +29,16 @@ Run `hf-sara <command> --help` for the options of a command.
 """
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "train": train_command,
-    "anchors": anchors_command,
-    "analyze": analyze_command,
-    "pairs": pairs_command,
-    "demo": demo_command,
-    "eval": eval_command,
-    "replicate": replicate_command,
-    "merge": merge_command,
+# Each command's module and function, imported only when it runs: a launched process loads what its command needs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("train", "train_command"),
+    "anchors": ("train", "anchors_command"),
+    "analyze": ("analyze", "analyze_command"),
+    "pairs": ("pairs", "pairs_command"),
+    "demo": ("demo", "demo_command"),
+    "eval": ("eval", "eval_command"),
+    "replicate": ("replicate", "replicate_command"),
+    "merge": ("merge", "merge_command"),
 }
 
 
@@ -57,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"hf-sara: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    module, function = COMMANDS[command]
     try:
-        return COMMANDS[command](rest)
+        return getattr(importlib.import_module(f".{module}", __name__), function)(rest)
     except (CommandError, ValueError, OSError, ImportError, KeyError, OutputDirectoryLockedError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"hf-sara {command}: error: {message}", file=sys.stderr)

@@ -3,7 +3,6 @@ as on one process."""
 
 from __future__ import annotations
 
-from ..tools.loading import load_dataset_dict, model_init_kwargs
 from .common import CommandError, check_local_reference
 
 
@@ -23,6 +22,7 @@ def build_trainer(argv: list[str], prog: str):
     from trl import get_peft_config
 
     from ..routing.patching import patch_model
+    from ..tools.loading import load_dataset_dict, model_init_kwargs
     from ..training.trainer import SARATrainer
 
     try:
