@@ -76,3 +76,8 @@ def test_sum_reduction_is_accumulation_times_processes_times_the_mean_on_two_pro
         mean, summed = updates["mean"][key] - sft, updates["sum"][key] - sft
         assert mean.norm() > 1e-4
         torch.testing.assert_close(summed, 2 * 2 * mean, rtol=1e-3, atol=1e-6, msg=key)
+
+
+def test_an_unknown_loss_reduction_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match=r"`sara_loss_reduction` must be one of \('mean', 'sum'\), got 'total'"):
+        SARAConfig(output_dir="unused", use_cpu=True, sara_loss_reduction="total")
