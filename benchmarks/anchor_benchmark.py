@@ -57,7 +57,7 @@ def compute_child(rows: int, seq_len: int, batch_size: int, output: str) -> None
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from hf_sara import patch_model
-    from hf_sara.training.anchors import AnchorTable, OfflineAnchors
+    from hf_sara.training.anchors import AnchorIdentity, AnchorTable, OfflineAnchors
     from hf_sara.training.paired_data import ROW_COLUMN
 
     accelerator = Accelerator(cpu=True)
@@ -73,8 +73,10 @@ def compute_child(rows: int, seq_len: int, batch_size: int, output: str) -> None
     table = Dataset.from_dict({"input_ids": ids, ROW_COLUMN: list(range(rows))})
     accelerator.wait_for_everyone()
     start = time.perf_counter()
+    tables = {"train": AnchorTable(table, 0, rows)}
+    identity = AnchorIdentity.of(model, {"train": tables["train"].identity("all")}, "all")
     anchors, computed = OfflineAnchors.compute(
-        model, {"train": AnchorTable(table, 0, rows)}, output, {"format": "hf_sara.training.anchors/1"},
+        model, tables, output, identity,
         batch_size=batch_size, device=accelerator.device, process_index=accelerator.process_index,
         num_processes=accelerator.num_processes, gather=accelerator.gather,
         write=accelerator.is_main_process, wait_for_everyone=accelerator.wait_for_everyone,
@@ -120,7 +122,7 @@ def run_compute(ranks: int, rows: int, seq_len: int, batch_size: int, output: st
 
 def write_table(path: str, rows: int) -> float:
     """Writes a random anchors table with the streaming writer; returns the writer's private memory growth (bytes)."""
-    from hf_sara.training.anchor_file import AnchorFileWriter
+    from hf_sara.training.anchors.file import AnchorFileWriter
 
     shapes = {
         "train.distributions": ((rows, LAYERS, EXPERTS), torch.float32),
@@ -143,8 +145,8 @@ def lookup_child(path: str, rows: int, mode: str) -> None:
     """Runs in a fresh process: opens a table as a rank does and looks up 500 batches; prints the memory growth."""
     from safetensors.torch import load_file
 
-    from hf_sara.training.anchor_file import MappedAnchorFile
     from hf_sara.training.anchors import OfflineAnchors
+    from hf_sara.training.anchors.file import MappedAnchorFile
 
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, rows, (16,), generator=generator) for _ in range(500)]

@@ -8,15 +8,25 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from hf_sara import compute_anchor_distributions, patch_model
+from hf_sara import patch_model, routing_distributions
 from hf_sara.distributed import full_parameters, rank_batches
-from hf_sara.training.anchor_file import AnchorFileWriter, MappedAnchorFile
-from hf_sara.training.anchors import ANCHORS_FORMAT, AnchorTable, OfflineAnchors
+from hf_sara.training.anchors import ANCHORS_FORMAT, AnchorIdentity, AnchorTable, OfflineAnchors
+from hf_sara.training.anchors.file import AnchorFileWriter, MappedAnchorFile
 from hf_sara.training.paired_data import ROW_COLUMN
 
 from .testing_utils import tiny_model
 
 METADATA = {"format": ANCHORS_FORMAT, "model": "tiny"}
+
+
+def identity_of(model, tables: dict[str, AnchorTable], pooling: str = "all") -> AnchorIdentity:
+    return AnchorIdentity.of(model, {name: table.identity(pooling) for name, table in tables.items()}, pooling)
+
+
+def one_by_one(model, rows: Dataset) -> torch.Tensor:
+    """The routing of each tokenized row, computed alone (no padding, no batch): an independent reference."""
+    with torch.no_grad():
+        return torch.cat([routing_distributions(model, torch.tensor([ids])) for ids in rows["input_ids"]])
 
 
 def tokenized_rows(row_ids: list[int], seed: int = 0) -> Dataset:
@@ -92,10 +102,10 @@ class TestOfflineAnchors:
         evaluation = tokenized_rows(list(range(20, 25)), seed=1)
         tables = {"train": AnchorTable(train_anchors, 0, 10), "eval": AnchorTable(evaluation, 20, 5)}
         path = tmp_path / "anchors.safetensors"
-        anchors, computed = OfflineAnchors.compute(model, tables, path, METADATA, batch_size=3)
+        model.eval()
+        anchors, computed = OfflineAnchors.compute(model, tables, path, identity_of(model, tables), batch_size=3)
         assert computed == 12
-        expected_train = compute_anchor_distributions(model, train_anchors, batch_size=7)
-        expected_eval = compute_anchor_distributions(model, evaluation, batch_size=2)
+        expected_train, expected_eval = one_by_one(model, train_anchors), one_by_one(model, evaluation)
         rows = torch.tensor([9, 22, 3, 0, 24, 6])
         targets, has_anchor = anchors.lookup(rows, (6, 4, 8))
         assert has_anchor.tolist() == [True, True, False, True, True, True]
@@ -110,25 +120,31 @@ class TestOfflineAnchors:
     def test_load_checks_the_metadata_and_the_rows(self, tmp_path):
         model = patch_model(tiny_model("qwen3_moe"))
         path = tmp_path / "anchors.safetensors"
-        OfflineAnchors.compute(model, {"train": AnchorTable(tokenized_rows(list(range(4))), 0, 4)}, path, METADATA)
-        OfflineAnchors.load(path, METADATA, {"train": (0, 4)})
-        OfflineAnchors.load(path, {**METADATA, "model": "./another/path"}, {"train": (0, 4)})  # the name informs
-        with pytest.raises(ValueError, match="pooling is None there but 'prompt' here"):
-            OfflineAnchors.load(path, {**METADATA, "pooling": "prompt"}, {"train": (0, 4)})
+        tables = {"train": AnchorTable(tokenized_rows(list(range(4))), 0, 4)}
+        identity = identity_of(model, tables)
+        OfflineAnchors.compute(model, tables, path, identity)
+        OfflineAnchors.load(path, identity, tables)
+        renamed = AnchorIdentity(**{**vars(identity), "model": "./another/path"})
+        OfflineAnchors.load(path, renamed, tables)  # the name informs
+        with pytest.raises(ValueError, match="pooling is 'all' there but 'prompt' here"):
+            OfflineAnchors.load(path, AnchorIdentity(**{**vars(identity), "pooling": "prompt"}), tables)
+        longer = {"train": AnchorTable(tokenized_rows(list(range(4))), 0, 5)}
         with pytest.raises(ValueError, match="lacks the tensor 'train.distributions' of 5 rows"):
-            OfflineAnchors.load(path, METADATA, {"train": (0, 5)})
+            OfflineAnchors.load(path, AnchorIdentity(**{**vars(identity), "datasets": {}}), longer)
 
     def test_raw_text_is_refused(self, tmp_path):
         model = patch_model(tiny_model("qwen3_moe"))
         table = AnchorTable(Dataset.from_dict({"text": ["a"], ROW_COLUMN: [0]}), 0, 1)
+        identity = AnchorIdentity("checksum", 4, 8, "all")
         with pytest.raises(ValueError, match="no `input_ids` column"):
-            OfflineAnchors.compute(model, {"train": table}, tmp_path / "anchors.safetensors", METADATA)
+            OfflineAnchors.compute(model, {"train": table}, tmp_path / "anchors.safetensors", identity)
 
     def test_several_ranks_need_a_gather(self, tmp_path):
         model = patch_model(tiny_model("qwen3_moe"))
         table = AnchorTable(tokenized_rows([0, 1]), 0, 2)
+        identity = identity_of(model, {"train": table})
         with pytest.raises(ValueError, match="needs a `gather`"):
-            OfflineAnchors.compute(model, {"train": table}, tmp_path / "a.safetensors", METADATA, num_processes=2)
+            OfflineAnchors.compute(model, {"train": table}, tmp_path / "a.safetensors", identity, num_processes=2)
 
 
 @pytest.mark.parametrize("num_batches", [0, 1, 5, 8, 9])

@@ -1,6 +1,9 @@
 """The package's layout holds: lower layers never import higher ones, and no module imports another's private names."""
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,34 @@ def test_layers_import_only_downwards(path):
         targets = {_part(module)} if _part(module) else {name for name in names if not name.startswith("__")}
         for target in targets - {part}:
             assert target in ALLOWED[part], f"hf_sara/{'/'.join(relative)}.py imports hf_sara.{target} ({module})"
+
+
+def _modules_after(code: str) -> set[str]:
+    """The top-level modules a fresh interpreter has imported after running `code`."""
+    script = f"{code}\nimport sys, json\nprint(json.dumps(sorted({{name.split('.')[0] for name in sys.modules}})))"
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=PACKAGE.parent
+    )
+    return set(json.loads(completed.stdout.strip().splitlines()[-1]))
+
+
+def test_import_hf_sara_loads_no_trainer():
+    loaded = _modules_after("import hf_sara")
+    assert not {"trl", "peft", "torch"} & loaded
+
+
+def test_the_command_lines_help_loads_no_torch():
+    loaded = _modules_after("from hf_sara.cli import main\nmain(['--help'])")
+    assert not {"torch", "trl", "peft"} & loaded
+
+
+def test_every_public_name_is_loaded_on_first_use():
+    import hf_sara
+
+    assert sorted(hf_sara.__all__) == hf_sara.__all__
+    for name in hf_sara.__all__:
+        value = getattr(hf_sara, name)
+        assert getattr(value, "__module__", "hf_sara").startswith("hf_sara") or not callable(value), name
+    assert set(hf_sara.__all__) <= set(dir(hf_sara))
+    with pytest.raises(AttributeError, match="no attribute 'compute_anchor_distributions'"):
+        hf_sara.compute_anchor_distributions  # noqa: B018 - removed: `OfflineAnchors.compute` is the one way

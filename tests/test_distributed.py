@@ -209,7 +209,7 @@ def test_anchors_of_other_router_weights_are_refused_under_zero3(model_dir, tmp_
         train_dataset=load_pairs(),
         processing_class=pairs_tokenizer(),
     )
-    anchors = trainer.offline_anchors.path
+    anchors = trainer.prepare_offline_anchors().path
     with torch.no_grad():
         model.model.layers[1].mlp.gate.weight.mul_(1.01)
     model.save_pretrained(path)

@@ -15,21 +15,23 @@ import pytest
 import torch
 from datasets import Dataset
 
-from hf_sara import (
-    SARATrainer,
-    load_anchor_distributions,
-    patch_model,
-    sara_alignment_loss,
-    save_anchor_distributions,
-)
+from hf_sara import SARATrainer, patch_model, sara_alignment_loss
 from hf_sara.cli import main
 from hf_sara.files import atomic_write
 from hf_sara.testing import save_tiny_model
-from hf_sara.training.anchor_file import AnchorFileWriter
 from hf_sara.training.anchors import ANCHORS_FILE_NAME, ANCHORS_FORMAT
+from hf_sara.training.anchors.file import AnchorFileWriter
 
 from .test_cli import _assert_one_line_error
-from .testing_utils import load_pairs, pairs_in_format, pairs_model, pairs_tokenizer, sara_config
+from .testing_utils import (
+    load_pairs,
+    pairs_in_format,
+    pairs_model,
+    pairs_tokenizer,
+    read_anchor_file,
+    sara_config,
+    write_anchor_file,
+)
 
 
 def _trainer(tmp_path, dataset=None, eval_dataset=None, model=None, **overrides):
@@ -195,7 +197,7 @@ class TestStaleAnchors:
 
     def _computed(self, tmp_path, **overrides):
         trainer = _trainer(tmp_path, **overrides)
-        trainer.offline_anchors  # noqa: B018 - computes and writes them
+        trainer.prepare_offline_anchors()
         return trainer
 
     def test_another_max_length_is_refused(self, tmp_path):
@@ -207,7 +209,7 @@ class TestStaleAnchors:
 
     def test_another_chat_template_is_refused(self, tmp_path):
         dataset = pairs_in_format("messages")
-        _trainer(tmp_path, dataset=dataset).offline_anchors  # noqa: B018
+        _trainer(tmp_path, dataset=dataset).prepare_offline_anchors()
         tokenizer = pairs_tokenizer()
         template = tokenizer.chat_template
         try:
@@ -239,7 +241,7 @@ class TestStaleAnchors:
         with pytest.raises(ValueError, match="holds no anchors for the eval dataset.*before `train\\(\\)`"):
             trainer.evaluate(new_eval)
         untrained = _trainer(tmp_path / "untrained")
-        untrained.offline_anchors  # noqa: B018 - the train anchors only
+        untrained.prepare_offline_anchors()
         metrics = untrained.evaluate(new_eval)  # recomputes the file with the eval anchors, model still untrained
         assert metrics["eval_sara/js"] >= 0
         assert sorted(json.loads(untrained.offline_anchors.file.metadata["datasets"])) == ["eval", "train"]
@@ -249,9 +251,9 @@ class TestAnchorFiles:
     def test_anchors_that_are_not_distributions_are_refused_where_they_are_read(self, tmp_path):
         _trainer(tmp_path).train()
         path = tmp_path / ANCHORS_FILE_NAME
-        tensors, metadata = load_anchor_distributions(path)
+        tensors, metadata = read_anchor_file(path)
         tensors["train.distributions"][5] *= -1
-        save_anchor_distributions(path, tensors, metadata)
+        write_anchor_file(path, tensors, metadata)
         with pytest.raises(ValueError, match=r"The train anchors in .* row\(s\) \[5\] do not.*negative.*remove it"):
             _trainer(tmp_path, per_device_train_batch_size=16).train()
 
@@ -403,7 +405,7 @@ class TestAdversarialFindings:
     def test_another_anchor_prefix_is_refused(self, tmp_path):
         rows = [{**row, "fr_prompt": row["prompt"], "fr_completion": row["completion"]} for row in load_pairs()]
         dataset = Dataset.from_list(rows)
-        _trainer(tmp_path, dataset=dataset, anchor_prefix="anchor_").offline_anchors  # noqa: B018
+        _trainer(tmp_path, dataset=dataset, anchor_prefix="anchor_").prepare_offline_anchors()
         with pytest.raises(ValueError, match="other anchor tokens"):
             _trainer(tmp_path, dataset=dataset, anchor_prefix="fr_").train()
 
@@ -548,16 +550,6 @@ def test_resuming_with_another_pooling_says_to_restore_it(tmp_path):
         _trainer(tmp_path, max_steps=2, sara_pooling="completion").train(resume_from_checkpoint=True)
 
 
-def test_compute_anchor_distributions_refuses_empty_and_untokenized_datasets():
-    from hf_sara import compute_anchor_distributions
-
-    model = patch_model(pairs_model())
-    with pytest.raises(ValueError, match="is empty"):
-        compute_anchor_distributions(model, Dataset.from_dict({"input_ids": [[1, 2]]}).select([]))
-    with pytest.raises(ValueError, match="no `input_ids` column"):
-        compute_anchor_distributions(model, load_pairs())
-
-
 def test_eval_files_saved_with_a_byte_order_mark(tmp_path):
     from hf_sara.tools.eval_files import load_eval_file
 
@@ -597,9 +589,9 @@ class TestSecondAdversarialReview:
 
     def test_an_anchors_file_rewritten_during_training_is_refused(self, tmp_path):
         trainer = _trainer(tmp_path, max_steps=2)
-        anchors = trainer.offline_anchors
+        anchors = trainer.prepare_offline_anchors()
         other = tmp_path / "other"
-        _trainer(other, model=pairs_model(seed=1)).offline_anchors  # noqa: B018
+        _trainer(other, model=pairs_model(seed=1)).prepare_offline_anchors()
         shutil.copyfile(other / ANCHORS_FILE_NAME, anchors.path)  # in place, as `cp` does
         with pytest.raises(ValueError, match="was replaced or rewritten since it was opened"):
             trainer.train()
@@ -630,7 +622,7 @@ class TestSecondAdversarialReview:
 
     def test_anchors_survive_removed_or_reordered_eval_sets_and_another_model_path(self, tmp_path):
         first, second = load_pairs().select(range(4)), load_pairs().select(range(4, 8))
-        _trainer(tmp_path, eval_dataset={"a": first, "b": second}).offline_anchors  # noqa: B018
+        _trainer(tmp_path, eval_dataset={"a": first, "b": second}).prepare_offline_anchors()
         _trainer(tmp_path, eval_dataset={"b": second}).train()
         _trainer(tmp_path, eval_dataset={"b": second, "a": first}).train()
         model = pairs_model()
@@ -638,19 +630,19 @@ class TestSecondAdversarialReview:
         _trainer(tmp_path, model=model, eval_dataset={"a": first, "b": second}).train()
 
     def test_damaged_flags_shapes_offsets_and_metadata_are_refused(self, tmp_path):
-        _trainer(tmp_path).offline_anchors  # noqa: B018
+        _trainer(tmp_path).prepare_offline_anchors()
         path = tmp_path / ANCHORS_FILE_NAME
         original = path.read_bytes()
-        tensors, metadata = load_anchor_distributions(path)
+        tensors, metadata = read_anchor_file(path)
         damaged = {**tensors, "train.has_anchor": torch.zeros_like(tensors["train.has_anchor"])}
-        save_anchor_distributions(path, damaged, metadata)
+        write_anchor_file(path, damaged, metadata)
         with pytest.raises(ValueError, match="marks other rows of the train dataset as anchored"):
             _trainer(tmp_path).train()
         transposed = {**tensors, "train.distributions": tensors["train.distributions"].transpose(1, 2).contiguous()}
-        save_anchor_distributions(path, transposed, metadata)
+        write_anchor_file(path, transposed, metadata)
         with pytest.raises(ValueError, match=r"holds train anchors of shape \[16, 8, 4\], not \[rows, 4 MoE layers"):
             _trainer(tmp_path).train()
-        save_anchor_distributions(path, tensors, {**metadata, "datasets": '{"train": 5}'})
+        write_anchor_file(path, tensors, {**metadata, "datasets": '{"train": 5}'})
         with pytest.raises(ValueError, match="has unreadable metadata"):
             _trainer(tmp_path).train()
         header_size = int.from_bytes(original[:8], "little")

@@ -11,13 +11,14 @@ from transformers import AutoModelForCausalLM
 from trl import SFTTrainer
 
 from hf_sara import SARATrainer, js_divergence, patch_model, routing_distributions
-from hf_sara.training.anchors import ANCHORS_FILE_NAME, load_anchor_distributions
+from hf_sara.training.anchors import ANCHORS_FILE_NAME
 
 from .testing_utils import (
     load_pairs,
     pairs_in_format,
     pairs_model,
     pairs_tokenizer,
+    read_anchor_file,
     sara_config,
     sft_config,
     tiny_model,
@@ -270,7 +271,7 @@ class TestOfflineAnchors:
         )
         anchors = trainer.train_anchor_table()
         path = tmp_path / ANCHORS_FILE_NAME
-        tensors, metadata = load_anchor_distributions(path)
+        tensors, metadata = read_anchor_file(path)
         assert anchors.shape == (16, 4, 8)
         torch.testing.assert_close(tensors["train.distributions"], anchors)
         assert metadata["num_moe_layers"] == "4" and metadata["pooling"] == "all"

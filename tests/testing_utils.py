@@ -167,3 +167,26 @@ def distributed_config(output_dir: str, **overrides: Any):
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
     engine_arguments = dict(use_cpu=False, ddp_backend="gloo") if deepspeed else {}
     return sara_config(output_dir, **{"optim": "sgd", "learning_rate": 0.5, **engine_arguments, **overrides})
+
+
+# Anchors files read and written whole, to damage them in tests (a trainer only ever writes them row by row).
+
+
+def read_anchor_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of an anchors file, and its metadata."""
+    from safetensors.torch import load_file
+
+    from hf_sara.training.anchors.file import MappedAnchorFile
+
+    return load_file(os.fspath(path)), MappedAnchorFile(path).metadata
+
+
+def write_anchor_file(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Writes `tensors` and `metadata` as an anchors file, in one step."""
+    from hf_sara.training.anchors.file import AnchorFileWriter
+
+    shapes = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()}
+    with AnchorFileWriter(path, shapes, metadata) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, slice(None), tensor)
+        writer.commit()

@@ -75,11 +75,13 @@ def train_command(argv: list[str]) -> int:
 def anchors_command(argv: list[str]) -> int:
     import torch
 
+    from ..training.anchors import distributions_key
+
     # Under `accelerate launch` every rank computes its share of the rows; one rank writes the file.
     trainer, _, _ = build_trainer(argv, "hf-sara anchors")
     anchors = trainer.prepare_offline_anchors()
     name = next(iter(anchors.ranges))
-    rows, layers, _ = anchors.file.shape(f"{name}.distributions")
+    rows, layers, _ = anchors.file.shape(distributions_key(name))
     computed = trainer.accelerator.gather(torch.tensor([trainer.anchor_rows_computed], device=trainer.args.device))
     trainer.accelerator.print(
         f"Saved anchors of {rows} rows x {layers} MoE layers to {anchors.path} (rows computed per rank: "

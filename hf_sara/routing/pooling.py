@@ -52,6 +52,29 @@ def router_probabilities(scores: torch.Tensor, scoring: str) -> torch.Tensor:
     return positive / positive.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
+POOLING_MODES = ("all", "prompt", "completion")
+
+
+def pooling_token_mask(labels: torch.Tensor | None, pooling: str) -> torch.Tensor | None:
+    """
+    Which tokens a pooling mode pools, from a batch's `labels` (-100 where the SFT loss ignores a token).
+
+    Args:
+        labels (`torch.Tensor` or `None`):
+            The batch's labels.
+        pooling (`str`):
+            `"all"` (every real token), `"completion"` (tokens in the SFT loss) or `"prompt"` (real tokens out of it).
+
+    Returns:
+        `torch.Tensor` or `None`: a boolean mask of the batch's shape, or `None` for `"all"`.
+    """
+    if pooling == "all":
+        return None
+    if labels is None:
+        raise ValueError(f"`sara_pooling={pooling!r}` needs the batch's labels to tell prompt from completion.")
+    return labels != -100 if pooling == "completion" else labels == -100
+
+
 @dataclass
 class TokenSegments:
     """

@@ -4,6 +4,6 @@
 - [`trainer`]: `SFTTrainer` with paired datasets and the alignment loss.
 - [`paired_data`]: the paired dataset format (an example and its anchor under a prefix), read and split.
 - [`collator`]: paired batches around the trainer's own collator.
-- [`anchors`], [`anchor_file`]: offline anchor distributions, computed across ranks and memory-mapped.
-- [`trl_compat`]: work-arounds for TRL on some MoE families.
+- [`anchors`]: offline anchor distributions: their identity, file, computation across ranks and cache policy.
+- [`compat`]: work-arounds for transformers and TRL on MoE models, each named with the release it was seen in.
 """

@@ -11,10 +11,10 @@ from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_availab
 from trl import SFTConfig
 
 from ..routing.layers import DEFAULT_LAYERS
+from ..routing.pooling import POOLING_MODES
 from .paired_data import DEFAULT_ANCHOR_PREFIX
 
 ANCHOR_MODES = ("offline", "online")
-POOLING_MODES = ("all", "prompt", "completion")
 LOSS_REDUCTIONS = ("mean", "sum")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from trl.data_utils import is_conversational
 
 # Columns that hf_sara adds to the datasets it prepares; they survive `Trainer`'s column removal.
@@ -49,6 +49,23 @@ class PairedFormat:
     @property
     def anchor_columns(self) -> list[str]:
         return [self.anchor_prefix + name for name in self.example_columns]
+
+
+def check_paired_dataset(dataset: object, name: str) -> None:
+    """
+    Refuses a dataset that cannot be paired row by row: an `IterableDataset` (pairs are looked up by row) or an empty
+    `Dataset`.
+
+    Raises:
+        `ValueError`: naming the dataset (`name`, e.g. "train") and the fix.
+    """
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            f"SARATrainer needs a map-style `datasets.Dataset` for the {name} dataset: it pairs each example with its "
+            "anchor by row. Materialise the iterable dataset first (e.g. `Dataset.from_generator`)."
+        )
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"The {name} dataset is empty: pass at least one row (an example and its anchor).")
 
 
 def _formats(text_field: str) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:

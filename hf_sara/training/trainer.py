@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
-import warnings
 from typing import Any
 
 import torch
-from datasets import Dataset, Features, IterableDataset, Sequence, Value
+from datasets import Dataset, Features, Sequence, Value
 from torch import nn
 from transformers import AutoConfig, TrainingArguments
 from transformers.integrations.deepspeed import deepspeed_init
@@ -19,35 +17,31 @@ from transformers.utils import logging
 from trl import SFTTrainer
 from trl.data_utils import pack_dataset
 
-from ..distributed import forget_zero3_trace
-from ..files import checkpoint_weight_names, complete_checkpoint, directory_lock
+from ..files import complete_checkpoint, directory_lock
 from ..routing.capture import capture_routing
-from ..routing.families import num_experts
 from ..routing.layers import resolve_layers
 from ..routing.loss import alignment_divergences, masked_layer_mean
 from ..routing.patching import get_routing_state, patch_model
-from .anchors import (
-    ANCHORS_FILE_NAME,
-    ANCHORS_FORMAT,
-    RESUMING_FIX,
-    AnchorTable,
-    OfflineAnchors,
-    anchor_tokens_digest,
-    pooling_token_mask,
-    router_checksum,
-    stored_dataset_names,
-)
+from ..routing.pooling import pooling_token_mask
+from .anchors import AnchorIdentity, AnchorTable, OfflineAnchors, default_anchor_path, open_offline_anchors
+from .anchors.identity import router_checksum
 from .collator import ANCHOR_KEY_PREFIX, ROW_IDS_KEY, AnchorStore, SARADataCollator
+from .compat import (
+    load_checkpoint_with_conversion,
+    output_router_logits_of,
+    restore_output_router_logits,
+    sft_trainer_compatibility,
+)
 from .config import SARAConfig, convert_training_arguments
 from .paired_data import (
     LANGUAGE_COLUMN,
     ROW_COLUMN,
     TOKEN_ROWS_COLUMN,
     anchored_rows,
+    check_paired_dataset,
     detect_paired_format,
     split_pairs,
 )
-from .trl_compat import sft_trainer_compatibility
 
 logger = logging.get_logger(__name__)
 
@@ -111,32 +105,27 @@ class SARATrainer(SFTTrainer):
                 "SARATrainer does not take a `formatting_func`: it would format the examples but not their anchors. "
                 "Format both sides of each pair in the dataset beforehand."
             )
-        datasets = {
+        # Before SFTTrainer loads a model by name: a dataset that cannot be paired is refused first.
+        for name, dataset in {
             "train": train_dataset,
             **(eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}),
-        }
-        for name, dataset in datasets.items():
-            if isinstance(dataset, Dataset) and len(dataset) == 0:
-                raise ValueError(f"The {name} dataset is empty: pass at least one row (an example and its anchor).")
-        if isinstance(train_dataset, IterableDataset):
-            raise ValueError(
-                "SARATrainer needs a map-style `datasets.Dataset`: it pairs each example with its anchor by row. "
-                "Materialise the iterable dataset first (e.g. `Dataset.from_generator`)."
-            )
-        if isinstance(
-            model, str
-        ):  # SFTTrainer loads it, then sets `output_router_logits`: read what it was saved with
+        }.items():
+            if dataset is not None:
+                check_paired_dataset(dataset, name)
+        if isinstance(model, str):
+            # SFTTrainer loads it, then sets `output_router_logits`: read what it was saved with.
             init = args.model_init_kwargs or {}
             config = AutoConfig.from_pretrained(
                 model, revision=init.get("revision"), trust_remote_code=getattr(args, "trust_remote_code", False)
             )
         else:
             config = model.config
-        self._sara_output_router_logits = getattr(config.get_text_config(), "output_router_logits", False)
+        self._sara_output_router_logits = output_router_logits_of(config)
         self._sara_store = AnchorStore()
         self._sara_offline: OfflineAnchors | None = None
-        self._sara_token_digests: dict[str, str] = {}
+        self._sara_anchor_tables: dict[str, AnchorTable] = {}  # by the store's dataset name, with their digests
         self._sara_prepared_examples: dict[str, Dataset] = {}  # by the store's dataset name
+        self._sara_alignment_scale: float | None = None  # the factor of the last training step, for the model card
         # How many offline anchor rows this rank computed (0 when they were read from a file).
         self.anchor_rows_computed = 0
         self._sara_router_checksum: str | None = None  # of the model before training, identifies offline anchors
@@ -226,8 +215,7 @@ class SARATrainer(SFTTrainer):
             args.max_length = max_length
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        if isinstance(dataset, IterableDataset):
-            raise ValueError(f"SARATrainer needs a map-style `datasets.Dataset` for the {dataset_name} dataset.")
+        check_paired_dataset(dataset, dataset_name)  # also datasets passed later, to `evaluate`
         reserved = [column for column in (ROW_COLUMN, TOKEN_ROWS_COLUMN) if column in dataset.column_names]
         if reserved:
             if any(dataset is prepared for prepared in self._sara_prepared_examples.values()):
@@ -236,8 +224,6 @@ class SARATrainer(SFTTrainer):
                 f"The {dataset_name} dataset has the column(s) {reserved}, which hf_sara reserves for the datasets it "
                 "prepares: pass the raw paired dataset (not one another SARATrainer prepared), or rename the column."
             )
-        if formatting_func is not None:
-            raise ValueError("SARATrainer does not take a `formatting_func`; format both sides of the pairs first.")
         paired_format = detect_paired_format(dataset.column_names, args.anchor_prefix, args.dataset_text_field)
         has_anchor = anchored_rows(dataset, paired_format)
         if not any(has_anchor):
@@ -316,31 +302,15 @@ class SARATrainer(SFTTrainer):
     # Offline anchors
     # ----------------------------------------------------------------------------------------------------------------
 
-    def _anchor_metadata(self, names: list[str]) -> dict[str, str]:
-        config = self.model.config
+    def _anchor_tables(self) -> dict[str, AnchorTable]:
+        """The prepared anchors of every dataset, as the anchors package takes them (built once per dataset)."""
         store = self._sara_store
-        datasets = {name: {"rows": store.sizes[name], "tokens": self._anchor_tokens(name)} for name in names}
-        return {
-            "format": ANCHORS_FORMAT,
-            "model": str(getattr(config, "_name_or_path", "") or ""),
-            "revision": str(getattr(config, "_commit_hash", "") or ""),
-            "router_checksum": self._sara_router_checksum or router_checksum(self.model),
-            "num_moe_layers": str(self._sara_num_layers),
-            "num_experts": str(num_experts(config)),
-            "pooling": self.args.sara_pooling,
-            "datasets": json.dumps(datasets, sort_keys=True),
-        }
-
-    def _anchor_tokens(self, name: str) -> str:
-        if name not in self._sara_token_digests:
-            store = self._sara_store
-            self._sara_token_digests[name] = anchor_tokens_digest(
-                store.tables[name], self.args.sara_pooling, store.offsets[name]
-            )
-        return self._sara_token_digests[name]
-
-    def _anchor_path(self) -> str:
-        return self.args.sara_anchor_path or os.path.join(self.args.output_dir, ANCHORS_FILE_NAME)
+        for name in store.offsets:
+            if name not in self._sara_anchor_tables:
+                self._sara_anchor_tables[name] = AnchorTable(
+                    store.tables[name], store.offsets[name], store.sizes[name]
+                )
+        return dict(self._sara_anchor_tables)
 
     def _model_for_anchors(self) -> nn.Module:
         """
@@ -363,117 +333,74 @@ class SARATrainer(SFTTrainer):
         # (a forward of the bare module before training left a released weight in the first backward).
         return self.model_wrapped if self.is_deepspeed_enabled else self.model
 
-    def _ensure_offline_anchors(self, resuming: bool = False, create_anchor_path: bool = False) -> None:
+    def _open_offline_anchors(self, resuming: bool = False, may_create_path: bool = False) -> None:
         """
-        Opens the offline anchors of every prepared dataset: from the cache file (checked against this run and, before
-        training, against one recomputed batch), or computed with the model as it is now, the rows split across the
-        ranks and the file written once. Every rank must call it. `create_anchor_path` lets a missing
-        `sara_anchor_path` be computed (what `hf-sara anchors` does) instead of refused.
+        Opens the offline anchors of every prepared dataset, unless they are open already (see
+        [`~hf_sara.training.anchors.open_offline_anchors`] for when they are read, computed or refused). Every rank
+        must call it. `may_create_path` lets a missing `sara_anchor_path` be computed (what `hf-sara anchors` does).
         """
-        store = self._sara_store
         known = self._sara_offline.ranges if self._sara_offline is not None else {}
-        missing = [name for name in store.offsets if name not in known]
-        if not missing:
+        if all(name in known for name in self._sara_store.offsets):
             return
-        model = self._model_for_anchors()
-        path = self._anchor_path()
-        ranges = {name: (store.offsets[name], store.sizes[name]) for name in store.offsets}
-        trained = resuming or self.state.global_step > 0
-        tables = {name: AnchorTable(store.tables[name], *ranges[name]) for name in store.offsets}
-        options = dict(
+        tables = self._anchor_tables()
+        pooling = self.args.sara_pooling
+        identity = AnchorIdentity.of(
+            self.model,
+            {name: table.identity(pooling) for name, table in tables.items()},
+            pooling,
+            self._sara_router_checksum,
+        )
+        self._sara_offline, computed = open_offline_anchors(
+            self._model_for_anchors(),
+            tables,
+            self.args.sara_anchor_path or default_anchor_path(self.args.output_dir),
+            identity,
+            trained=resuming or self.state.global_step > 0,
+            path_given=self.args.sara_anchor_path is not None,
+            may_create=may_create_path,
             data_collator=self._sara_base_collator,
             batch_size=self.args.per_device_eval_batch_size,
-            pooling=self.args.sara_pooling,
             device=self.args.device,
-        )
-        lacking = []
-        if os.path.exists(path):
-            stored = stored_dataset_names(path)
-            lacking = [name for name in missing if name not in stored]
-            if not lacking:
-                fix = RESUMING_FIX if trained else None
-                anchored = {name: torch.tensor(store.tables[name][ROW_COLUMN]) - ranges[name][0] for name in missing}
-                anchors = OfflineAnchors.load(path, self._anchor_metadata(missing), ranges, fix, anchored)
-                if not trained:  # a trained model's routing differs from its anchors by design
-                    anchors.verify(model, {name: tables[name] for name in missing}, **options)
-                    forget_zero3_trace(model)
-                logger.info(f"SARA: loaded offline anchors for {missing} from {path}.")
-                self._sara_offline = anchors
-                return
-        if trained:
-            problem = (
-                f"{path} holds no anchors for the {', '.join(lacking)} dataset(s)"
-                if lacking
-                else f"{path} does not exist"
-            )
-            raise ValueError(
-                f"Offline anchors are missing and cannot be computed now: {problem}, and they must come from the "
-                "model before training, not from this trained or resumed one. Pass every eval dataset to the trainer "
-                "before `train()` (their anchors are computed with the train anchors), put back the anchors file of "
-                "the first run (or pass it as `sara_anchor_path`), compute them on the base model with `hf-sara "
-                "anchors`, or use `sara_anchor_mode='online'`."
-            )
-        if self.args.sara_anchor_path is not None and (lacking or not create_anchor_path):
-            problem = f"holds no anchors for the {', '.join(lacking)} dataset(s)" if lacking else "does not exist"
-            raise ValueError(
-                f"`sara_anchor_path={path!r}` {problem}. Compute the anchors of every dataset with `hf-sara anchors` "
-                "(eval splits too), or leave `sara_anchor_path` unset to compute them here."
-            )
-        if lacking:
-            logger.warning(f"SARA: {path} holds no anchors for {lacking}; recomputing the anchors of every dataset.")
-        anchors, self.anchor_rows_computed = OfflineAnchors.compute(
-            model,
-            tables,
-            path,
-            self._anchor_metadata(list(tables)),
-            **options,
             process_index=self.accelerator.process_index,
             num_processes=self.accelerator.num_processes,
             gather=self.accelerator.gather,
             write=self.args.should_save,
             wait_for_everyone=self.accelerator.wait_for_everyone,
         )
-        forget_zero3_trace(model)
-        logger.info(
-            f"SARA: this rank computed {self.anchor_rows_computed} anchor rows of "
-            f"{sum(len(table.rows) for table in tables.values())}."
-        )
-        self._sara_offline = anchors
+        self.anchor_rows_computed += computed
 
     @property
     def offline_anchors(self) -> OfflineAnchors:
-        """The offline anchors of every prepared dataset (computed, or loaded from the cache, on first use)."""
-        self._ensure_offline_anchors()
+        """
+        The offline anchors of every prepared dataset, once opened: by `train()`, `evaluate()` or
+        [`~SARATrainer.prepare_offline_anchors`].
+        """
+        if self._sara_offline is None:
+            raise ValueError(
+                "The offline anchors are not open yet: they are computed (or read from their file) when `train()` or "
+                "`evaluate()` starts. Call `trainer.prepare_offline_anchors()` to open them before."
+            )
         return self._sara_offline
 
     def prepare_offline_anchors(self) -> OfflineAnchors:
         """
         Computes the offline anchors of every prepared dataset with the model as it is now (split across the ranks
         under `accelerate launch`) and writes them to `sara_anchor_path`, or `output_dir/sara_anchors.safetensors`;
-        an existing file is checked and reused. What `hf-sara anchors` runs.
+        an existing file is checked and reused. What `hf-sara anchors` runs; every rank must call it.
         """
         writes_output_dir = self.args.sara_anchor_path is None and self.is_world_process_zero()
         with directory_lock(self.args.output_dir) if writes_output_dir else contextlib.nullcontext():
-            self._ensure_offline_anchors(create_anchor_path=True)
+            self._open_offline_anchors(may_create_path=True)
         return self._sara_offline
 
     def train_anchor_table(self) -> torch.Tensor:
         """
-        Computes (or loads from the cache) the offline anchors of the train dataset with the model as it is now, and
-        returns them, `[n_rows, n_moe_layers, n_experts]` (zeros for rows without an anchor). It reads the whole table
-        into memory; training looks up only each batch's rows.
+        Opens the offline anchors (computing them with the model as it is now, or reading them from the cache) and
+        returns the train dataset's, `[n_rows, n_moe_layers, n_experts]` (zeros for rows without an anchor). It reads
+        the whole table into memory; training looks up only each batch's rows.
         """
-        return self.offline_anchors.table(next(iter(self._sara_store.offsets)))
-
-    def compute_anchor_distributions(self) -> torch.Tensor:
-        """Deprecated name of [`~SARATrainer.train_anchor_table`] (the function of that name takes a model)."""
-        warnings.warn(
-            "`SARATrainer.compute_anchor_distributions()` is now `train_anchor_table()`; the old name will be removed "
-            "later.",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return self.train_anchor_table()
+        self._open_offline_anchors()
+        return self._sara_offline.table(next(iter(self._sara_store.offsets)))
 
     # ----------------------------------------------------------------------------------------------------------------
     # Training
@@ -485,31 +412,14 @@ class SARATrainer(SFTTrainer):
         # checkpoint's by now).
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if self.args.sara_anchor_mode == "offline":
-            self._ensure_offline_anchors(resuming=resume_from_checkpoint is not None)
+            self._open_offline_anchors(resuming=resume_from_checkpoint is not None)
         return model, train_dataloader
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = model if model is not None else self.model
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled or hasattr(model, "peft_config"):
-            return
-        # transformers 5 saves a model in its checkpoint format (e.g. one tensor per expert), but Trainer loads that
-        # state dict into the live model without converting it back: fused MoE experts (`experts.gate_up_proj`)
-        # silently keep the weights they had before the resume. Load the checkpoint through `from_pretrained`, which
-        # converts, when its keys do not cover the model's.
-        stored = checkpoint_weight_names(resume_from_checkpoint)
-        if stored is None or set(model.state_dict()) <= stored:
-            return
-        dtype = next(model.parameters()).dtype
-        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype)
-        try:
-            model.load_state_dict(loaded.state_dict(), strict=True)
-        except RuntimeError as error:
-            raise ValueError(
-                f"The checkpoint {resume_from_checkpoint} does not fit this model ({str(error).splitlines()[0]}): it "
-                "was saved from another architecture or size. Resume with the model that run started from."
-            ) from None
-        logger.info(f"SARA: loaded the weights of {resume_from_checkpoint} with transformers' checkpoint conversion.")
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled or hasattr(model, "peft_config")):
+            load_checkpoint_with_conversion(model, resume_from_checkpoint)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         resume_from_checkpoint = complete_checkpoint(resume_from_checkpoint, self.args.output_dir, self.args.max_steps)
@@ -518,19 +428,23 @@ class SARATrainer(SFTTrainer):
         if self.args.sara_anchor_mode == "offline" and self._sara_router_checksum is None:
             # Before a checkpoint is loaded: the anchors belong to the model before training, also when resuming.
             self._sara_router_checksum = router_checksum(self.model)
-        try:
-            with lock, sft_trainer_compatibility(self.model):
-                return super().train(resume_from_checkpoint, *args, **kwargs)
-        finally:
-            # SFTTrainer leaves `output_router_logits=True` in the config after training, which breaks `generate()`
-            # for several families; put back what the model had.
-            text_config = self.model.config.get_text_config()
-            if hasattr(text_config, "output_router_logits"):
-                text_config.output_router_logits = self._sara_output_router_logits
+        with (
+            lock,
+            sft_trainer_compatibility(self.model),
+            restore_output_router_logits(self.model, self._sara_output_router_logits),
+        ):
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         with sft_trainer_compatibility(self.model):
             return super().evaluate(*args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        # `evaluate` and `predict` both come here, on every rank: the offline anchors of a dataset seen for the first
+        # time are opened before its batches (a forward on every rank, which must not happen inside `compute_loss`).
+        if self.args.sara_anchor_mode == "offline":
+            self._open_offline_anchors()
+        return super().evaluation_loop(*args, **kwargs)
 
     def current_sara_weight(self) -> float:
         """The alignment weight at the current step, after the optional linear warm-up (`sara_warmup_ratio`)."""
@@ -621,7 +535,10 @@ class SARATrainer(SFTTrainer):
         divergences = alignment_divergences(distributions, anchors, anchored, self._sara_layer_indices)
         alignment_loss, _ = masked_layer_mean(divergences, anchored)
         weight = self.current_sara_weight() if mode == "train" else self.args.sara_weight
-        extra = weight * self._alignment_scale(mode, num_items_in_batch) * alignment_loss
+        scale = self._alignment_scale(mode, num_items_in_batch)
+        if mode == "train":
+            self._sara_alignment_scale = scale
+        extra = weight * scale * alignment_loss
         if anchor_sft_loss is not None:
             extra = extra + self.args.anchor_sft_weight * anchor_sft_loss
         # Like SFTTrainer's aux loss: a per-micro-batch mean, averaged over the accumulation steps when `Trainer`
@@ -693,10 +610,10 @@ class SARATrainer(SFTTrainer):
         languages = ", ".join(map(str, self._sara_store.languages)) or "not given (no `language` column)"
         reduction = self.args.sara_loss_reduction
         if reduction == "sum":
-            processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-            reduction += (
-                f": summed over {self.args.gradient_accumulation_steps} accumulation steps x {processes} processes "
-                f"(effective weight {self.args.sara_weight * self.args.gradient_accumulation_steps * processes:g})"
+            # The factor the last training step applied (accumulation steps x processes), not a recomputation of it.
+            scale = self._sara_alignment_scale
+            reduction += ": summed over the accumulation steps and processes of each optimizer step " + (
+                f"(x{scale:g}: effective weight {self.args.sara_weight * scale:g})" if scale else "(not trained yet)"
             )
         section = "\n".join(
             [

@@ -83,7 +83,7 @@ def main() -> None:
         model=patch_model(model), args=args, train_dataset=load_pairs(), processing_class=pairs_tokenizer()
     )
     if options.anchors_only:
-        trainer.offline_anchors  # noqa: B018 - computes and writes them
+        trainer.prepare_offline_anchors()
     else:
         trainer.train(resume_from_checkpoint=True if options.resume else None)
     logged = [

@@ -43,7 +43,7 @@ def main() -> None:
     from transformers.utils import logging
 
     from hf_sara import SARATrainer
-    from hf_sara.training.anchor_file import AnchorFileWriter
+    from hf_sara.training.anchors.file import AnchorFileWriter
     from tests.testing_utils import load_pairs, pairs_model, pairs_tokenizer, sara_config
 
     logging.set_verbosity_warning()  # testing_utils silences transformers' loggers; hf_sara's warnings are checked
