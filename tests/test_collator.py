@@ -13,7 +13,7 @@ PAD = 0
 
 def _store() -> AnchorStore:
     store = AnchorStore()
-    name, offset = store.reserve("train", 3, "fingerprint")
+    name, offset = store.reserve("train", 3)
     anchors = Dataset.from_dict({"input_ids": [[9, 9, 9], [8]], ROW_COLUMN: [offset, offset + 2]})
     store.add(name, anchors, languages=["sw", None, "hi"])
     return store
@@ -56,7 +56,7 @@ def test_store_keeps_languages_and_row_ranges():
     store = _store()
     assert store.languages == ["sw", "hi"] and store.language_of_row == [0, -1, 1]
     assert store.has_anchor(0) and not store.has_anchor(1)
-    name, offset = store.reserve("train", 2, "other")
+    name, offset = store.reserve("train", 2)
     assert (name, offset) == ("train_1", 3) and store.num_rows == 5
 
 

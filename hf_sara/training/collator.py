@@ -26,17 +26,16 @@ class AnchorStore:
         self.tables: dict[str, Dataset] = {}
         self.offsets: dict[str, int] = {}
         self.sizes: dict[str, int] = {}
-        self.fingerprints: dict[str, str] = {}
         self._position: dict[int, tuple[str, int]] = {}
         self.languages: list[str] = []
         self.language_of_row: list[int] = []
 
-    def reserve(self, name: str, size: int, fingerprint: str) -> tuple[str, int]:
+    def reserve(self, name: str, size: int) -> tuple[str, int]:
         """Reserves `size` row ids for dataset `name`; returns the name it is stored under and its first row id."""
         if name in self.offsets:
             name = f"{name}_{len(self.offsets)}"
         offset = self.num_rows
-        self.offsets[name], self.sizes[name], self.fingerprints[name] = offset, size, fingerprint
+        self.offsets[name], self.sizes[name] = offset, size
         self.num_rows += size
         self.language_of_row.extend([-1] * size)
         return name, offset

@@ -54,8 +54,8 @@ class SARAConfig(SFTConfig):
             `"offline"`: the anchors' routing is computed once, with the model as it is before training, and cached
             (as published). `"online"`: it is recomputed with the current model at each step, without gradient.
         sara_anchor_path (`str` or `None`, *optional*, defaults to `None`):
-            Offline mode: a safetensors file of anchor distributions made by [`compute_anchor_distributions`] (or by
-            an earlier run) to use instead of computing them. When `None`, they are computed at the start of training
+            Offline mode: a safetensors file of anchor distributions made by `hf-sara anchors` (or by an earlier
+            run) to use instead of computing them. When `None`, they are computed at the start of training
             and cached as `sara_anchors.safetensors` in `output_dir`.
         sara_warmup_ratio (`float`, *optional*, defaults to `0.0`):
             Fraction of the training steps over which the alignment weight rises linearly from 0 to `sara_weight` (a
@@ -102,7 +102,7 @@ class SARAConfig(SFTConfig):
     sara_anchor_path: str | None = field(
         default=None,
         metadata={
-            "help": "Offline mode: a safetensors file of anchor distributions made by compute_anchor_distributions "
+            "help": "Offline mode: a safetensors file of anchor distributions made by `hf-sara anchors` "
             "(or by an earlier run) to use instead of computing them. When None, they are computed at the start of "
             "training and cached as sara_anchors.safetensors in output_dir."
         },

@@ -234,7 +234,7 @@ class SARATrainer(SFTTrainer):
             if dataset_name == "train" and args.sara_weight > 0:
                 raise ValueError(message + " Fill the anchor columns, or train with SFTTrainer.")
             logger.warning(message)
-        name, offset = self._sara_store.reserve(dataset_name, len(dataset), dataset._fingerprint)
+        name, offset = self._sara_store.reserve(dataset_name, len(dataset))
         examples, anchors = split_pairs(dataset, paired_format, has_anchor, offset)
 
         if len(anchors) == 0:  # nothing to tokenize (TRL's preparation cannot take an empty dataset)
