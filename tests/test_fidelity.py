@@ -81,3 +81,18 @@ def test_sum_reduction_is_accumulation_times_processes_times_the_mean_on_two_pro
 def test_an_unknown_loss_reduction_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match=r"`sara_loss_reduction` must be one of \('mean', 'sum'\), got 'total'"):
         SARAConfig(output_dir="unused", use_cpu=True, sara_loss_reduction="total")
+
+
+def test_the_model_card_records_the_factor_the_sum_reduction_applied(tmp_path):
+    trainer = SARATrainer(
+        model=patch_model(pairs_model()),
+        args=sara_config(tmp_path, **{**STEP, "gradient_accumulation_steps": 3, "sara_loss_reduction": "sum"}),
+        train_dataset=load_pairs(),
+        processing_class=pairs_tokenizer(),
+    )
+    trainer.create_model_card()
+    assert "| sara_loss_reduction | sum: summed over" in (tmp_path / "README.md").read_text()
+    assert "(not trained yet)" in (tmp_path / "README.md").read_text()
+    trainer.train()
+    trainer.create_model_card()
+    assert "(x3: effective weight 4.5)" in (tmp_path / "README.md").read_text()
