@@ -23,7 +23,7 @@ from hf_sara import (
     save_anchor_distributions,
 )
 from hf_sara.cli import main
-from hf_sara.files import atomic_write
+from hf_sara.files.atomic import atomic_write
 from hf_sara.testing import save_tiny_model
 from hf_sara.training.anchor_file import AnchorFileWriter
 from hf_sara.training.anchors import ANCHORS_FILE_NAME, ANCHORS_FORMAT
@@ -171,7 +171,7 @@ class TestPoolingAndPacking:
 
 class TestOutputDirectory:
     def test_a_second_training_in_the_same_output_dir_is_refused(self, tmp_path):
-        from hf_sara.files import LOCK_FILE_NAME, directory_lock
+        from hf_sara.files.lock import LOCK_FILE_NAME, directory_lock
 
         with directory_lock(tmp_path):
             with pytest.raises(RuntimeError, match=r"Another training is writing to .*choose another"):
@@ -183,7 +183,7 @@ class TestOutputDirectory:
     def test_the_lock_of_a_killed_run_is_taken_over(self, tmp_path):
         import socket
 
-        from hf_sara.files import LOCK_FILE_NAME
+        from hf_sara.files.lock import LOCK_FILE_NAME
 
         (tmp_path / LOCK_FILE_NAME).write_text(f"{socket.gethostname()} {2**22 + 12345}")
         _trainer(tmp_path).train()
@@ -607,7 +607,7 @@ class TestSecondAdversarialReview:
     def test_locks_of_a_restarted_container_an_empty_lock_and_a_bad_lock(self, tmp_path, capsys):
         import socket
 
-        from hf_sara.files import LOCK_FILE_NAME, OutputDirectoryLockedError, directory_lock
+        from hf_sara.files.lock import LOCK_FILE_NAME, OutputDirectoryLockedError, directory_lock
 
         lock = tmp_path / LOCK_FILE_NAME
         lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # a killed run whose process id is ours now

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from hf_sara.cli import main
-from hf_sara.files import complete_checkpoint
+from hf_sara.files.checkpoints import complete_checkpoint
 from hf_sara.testing import load_demo_pairs
 from hf_sara.tools.pairs import split_by_item
 from hf_sara.tools.replication import ARMS, PAPER_RESULTS, parse_benchmarks, published_benchmarks

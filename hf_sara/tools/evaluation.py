@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..files import package_data_path
+from ..files.package_data import package_data_path
 from ..training.paired_data import LANGUAGE_COLUMN
 from .eval_files import load_eval_file
 from .loading import load_tokenizer

@@ -15,7 +15,7 @@ from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict, load_pef
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.utils import logging
 
-from ..files import atomic_directory, check_output_directory
+from ..files.atomic import atomic_directory, check_output_directory
 from .loading import load_tokenizer_with_source
 
 logger = logging.get_logger(__name__)

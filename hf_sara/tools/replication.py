@@ -17,7 +17,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
-from ..files import atomic_directory, atomic_write, complete_checkpoint
+from ..files.atomic import atomic_directory, atomic_write
+from ..files.checkpoints import complete_checkpoint
 from ..routing.layers import DEFAULT_LAYERS, resolve_layers
 from ..routing.patching import patch_model
 from ..testing import load_demo_pairs, save_tiny_model

@@ -20,7 +20,8 @@ from trl import SFTTrainer
 from trl.data_utils import pack_dataset
 
 from ..distributed import forget_zero3_trace
-from ..files import checkpoint_weight_names, complete_checkpoint, directory_lock
+from ..files.checkpoints import checkpoint_weight_names, complete_checkpoint
+from ..files.lock import directory_lock
 from ..routing.capture import capture_routing
 from ..routing.families import num_experts
 from ..routing.layers import resolve_layers
