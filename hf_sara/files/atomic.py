@@ -7,7 +7,7 @@ import contextlib
 import glob
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 def _temporary_pattern(path: str) -> str:
@@ -37,28 +37,41 @@ def remove_stale_temporaries(path: str) -> None:
     for temporary in glob.glob(_temporary_pattern(path)):
         parts = os.path.basename(temporary).rsplit(".", 3)  # [".name", "<pid>", "<n>", "tmp"]
         if len(parts) == 4 and parts[1].isdigit() and not pid_alive(int(parts[1])):
-            if os.path.isdir(temporary) and not os.path.islink(temporary):  # a folder staged by `atomic_directory`
+            if os.path.isdir(temporary) and not os.path.islink(temporary):  # a folder staged by `temporary_directory`
                 shutil.rmtree(temporary, ignore_errors=True)
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temporary)
 
 
-def new_temporary(path: str) -> str:
-    """Creates an empty temporary file for `path`, in its directory (so the final rename stays on one file system)."""
-    path = os.path.abspath(path)
+def _create_file(name: str) -> None:
+    os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+
+
+def _create_temporary(path: str, create: Callable[[str], None], what: str) -> str:
+    """
+    The one way every writer here names its temporaries: creates, with `create` (which raises `FileExistsError` when
+    the name is taken), the first free temporary name of `path`, in its folder (so the final rename stays on one file
+    system), after removing what killed writers of `path` left there. The name holds this process's id, which tells
+    [`remove_stale_temporaries`] a killed writer's temporary from a running one's.
+    """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_stale_temporaries(path)
     for attempt in range(1000):
         temporary = _temporary_name(path, attempt)
         try:
-            os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            create(temporary)
         except FileExistsError:
             continue
         except PermissionError:
             raise PermissionError(f"Cannot write {path}: {os.path.dirname(path)} is not writable.") from None
         return temporary
-    raise FileExistsError(f"Could not create a temporary file next to {path}.")
+    raise FileExistsError(f"Could not create a temporary {what} next to {path}.")
+
+
+def new_temporary(path: str) -> str:
+    """Creates an empty temporary file for `path`, in its directory (so the final rename stays on one file system)."""
+    return _create_temporary(os.path.abspath(path), _create_file, "file")
 
 
 def commit_temporary(temporary: str, path: str) -> None:
@@ -113,6 +126,21 @@ def _remove_tree(path: str) -> None:
 
 
 @contextlib.contextmanager
+def temporary_directory(path: str | os.PathLike) -> Iterator[str]:
+    """
+    Yields an empty temporary folder next to `path` (on its file system, so that what is staged there can be renamed
+    into place) and removes it, with whatever is left in it, when the block ends. A kill leaves it behind, hidden, for
+    the next write of `path` to remove.
+    """
+    path = os.path.abspath(os.fspath(path))
+    temporary = _create_temporary(path, os.mkdir, "folder")
+    try:
+        yield temporary
+    finally:
+        _remove_tree(temporary)
+
+
+@contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
     """
     Yields an empty temporary folder, next to `path`, to write a whole folder's content in; when the block ends
@@ -131,18 +159,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     """
     path = os.path.abspath(os.fspath(path))
     check_output_directory(path, overwrite)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    remove_stale_temporaries(path)
-    for attempt in range(1000):
-        temporary = _temporary_name(path, attempt)
-        try:
-            os.mkdir(temporary)
-        except FileExistsError:
-            continue
-        break
-    else:
-        raise FileExistsError(f"Could not create a temporary folder next to {path}.")
-    try:
+    with temporary_directory(path) as temporary:
         yield temporary
         for folder, _, files in os.walk(temporary):
             for name in files:
@@ -150,7 +167,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
                     os.fsync(handle.fileno())
         check_output_directory(path, overwrite)  # it may have been filled meanwhile
         if os.path.isdir(path) and os.listdir(path):
-            aside = next(name for n in range(1000) if not os.path.lexists(name := _temporary_name(path, n)))
+            aside = _create_temporary(path, os.mkdir, "folder")  # an empty folder, which the rename replaces
             os.rename(path, aside)
             try:
                 os.replace(temporary, path)
@@ -160,6 +177,3 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
             _remove_tree(aside)
         else:
             os.replace(temporary, path)  # onto a missing or empty folder: one rename
-    except BaseException:
-        _remove_tree(temporary)
-        raise
