@@ -7,6 +7,8 @@ import os
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ..files.records import record_format
+
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
@@ -52,21 +54,18 @@ def load_tokenizer(model: str, adapter: str | None = None, **kwargs) -> PreTrain
     return load_tokenizer_with_source(model, adapter, **kwargs)[0]
 
 
-_DATASET_BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "tsv": "csv"}
-
-
 def load_dataset_dict(name: str, config: str | None = None):
     """A local `.jsonl`/`.json`/`.parquet`/`.csv`/`.tsv` file (as its `train` split) or a Hub dataset."""
     from datasets import DatasetDict, load_dataset
 
     if os.path.isfile(name):
-        extension = name.rsplit(".", 1)[-1].lower()
-        builder = _DATASET_BUILDERS.get(extension)
-        if builder is None:
+        found = record_format(name)
+        if found is None:
             raise ValueError(f"cannot read {name}: expected a .json, .jsonl, .parquet, .csv or .tsv file")
         if os.path.getsize(name) == 0:
             raise ValueError(f"{name} is empty: there is no row to read")
-        extra = {"delimiter": "\t"} if extension == "tsv" else {}
+        builder = found.builder
+        extra = {"delimiter": found.delimiter} if found.delimiter else {}
         try:
             dataset = load_dataset(builder, data_files=name, split="train", **extra)
         except Exception as error:  # the builders raise many kinds (DatasetGenerationError, ArrowInvalid, ...)
