@@ -461,7 +461,7 @@ class TestAdversarialFindings:
         assert sum(report.counts.values()) == 16
 
     def test_eval_task_names_that_collide_are_refused(self):
-        from hf_sara.tools.evaluation import parse_sources
+        from hf_sara.tools.evaluation.sources import parse_sources
 
         with pytest.raises(ValueError, match="'zh-Hans' and 'zh_Hans' both become the harness task"):
             parse_sources(files=["zh-Hans=a/m3ke_zh.jsonl", "zh_Hans=b/global_mmlu_sw.jsonl"])
@@ -483,7 +483,7 @@ class TestAdversarialFindings:
         assert not output.exists()
 
     def test_eval_cache_is_not_shared_across_max_lengths(self, tmp_path, capsys):
-        from hf_sara.tools.eval_files import sample_eval_files
+        from hf_sara.tools.evaluation.local_files import sample_eval_files
 
         model = save_tiny_model(str(tmp_path / "model"))
         arguments = ["eval", "--model", model, "--files", f"sw={sample_eval_files()['sw']}", "--batch-size", "4"]
@@ -559,7 +559,7 @@ def test_compute_anchor_distributions_refuses_empty_and_untokenized_datasets():
 
 
 def test_eval_files_saved_with_a_byte_order_mark(tmp_path):
-    from hf_sara.tools.eval_files import load_eval_file
+    from hf_sara.tools.evaluation.local_files import load_eval_file
 
     path = tmp_path / "exam.csv"
     path.write_bytes("\ufeffquestion,option_a,option_b,option_c,option_d,answer\nQ?,a,b,c,d,B\n".encode())

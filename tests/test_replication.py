@@ -142,7 +142,7 @@ def test_analysis_pairs_without_plain_text_are_refused_before_training(tmp_path)
     from datasets import Dataset
 
     from hf_sara import SARAConfig
-    from hf_sara.tools.evaluation import EvalSettings
+    from hf_sara.tools.evaluation.run import EvalSettings
     from hf_sara.tools.replication import Replication
 
     train, _ = split_by_item(load_demo_pairs())
