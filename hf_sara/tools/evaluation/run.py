@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..loading import load_tokenizer
+from ..loading import load_tokenizer, parse_dtype
 from ..reporting import write_into
 from .report import write_eval_report
 from .scores import LanguageScore, scores_from_results
@@ -174,7 +174,7 @@ def _evaluate_and_report(model_name, adapter, sources, output_dir, tasks_dir, ta
         f"dtype={settings.dtype};max_length={settings.max_length};chat_template={settings.apply_chat_template}"
     )
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = settings.dtype if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    dtype = parse_dtype(settings.dtype)
     model = AutoModelForCausalLM.from_pretrained(
         model_name, dtype=dtype, trust_remote_code=settings.trust_remote_code, device_map=settings.device_map
     )
