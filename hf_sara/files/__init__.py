@@ -5,4 +5,5 @@
 - [`checkpoints`]: which checkpoint a run can resume from ([`complete_checkpoint`]), and what it holds.
 - [`records`]: record files (JSON lines, JSON lists, CSV and TSV tables) and UTF-8 text.
 - [`package_data`]: the files shipped inside the package.
+- [`names`]: names made safe for file names ([`safe_file_name`]).
 """

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
+from ...files.names import safe_file_name
 from ...training.paired_data import LANGUAGE_COLUMN
 from ..reporting import markdown_table, new_figure, write_csv
 from .scores import LanguageScore
@@ -90,7 +90,7 @@ def write_eval_report(
         write_csv(paths["categories"], categories)
     plot_accuracy(scores, paths["chart"])
     for name, summary in (summaries or {}).items():
-        key = "results_" + re.sub(r"[^0-9A-Za-z]", "_", name)
+        key = "results_" + safe_file_name(name)
         paths[key] = os.path.join(output_dir, f"lm_eval_{key}.json")
         with open(paths[key], "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2, default=str)

@@ -8,6 +8,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ...files.names import safe_file_name
+
 _FLORES_CODE = re.compile(r"[a-z]{3}_[A-Z][a-z]{3}$")
 
 
@@ -56,7 +58,7 @@ def parse_sources(tasks: Sequence[str] = (), files: Sequence[str] = ()) -> list[
         language, path = _split_language(spec)
         stem = os.path.splitext(os.path.basename(path))[0]
         language = language or stem.rsplit("_", 1)[-1]
-        sources.append(EvalSource(language, f"hf_sara_{re.sub(r'[^0-9A-Za-z_]', '_', language)}", path))
+        sources.append(EvalSource(language, f"hf_sara_{safe_file_name(language)}", path))
     seen: dict[str, str] = {}
     tasks: dict[str, str] = {}
     for source in sources:
