@@ -16,11 +16,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.utils import logging
 
 from ..files.atomic import atomic_directory, check_output_directory
+from ..training.model_card import SARA_SETTINGS_HEADING, sara_settings_section
 from .loading import load_tokenizer_with_source, parse_dtype
 
 logger = logging.get_logger(__name__)
 
-SARA_SETTINGS_HEADING = "## SARA settings"
 # A Hub repository in the local cache: .../models--{org}--{name}/snapshots/{commit}
 _HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<repo>[^/\\]+)[/\\]snapshots[/\\][^/\\]+[/\\]?$")
 
@@ -200,25 +200,6 @@ def _adapter_card(adapter: str) -> str | None:
             return None
     with open(path, encoding="utf-8") as handle:
         return handle.read()
-
-
-def sara_settings_section(card: str | None) -> str | None:
-    """
-    The body of the "SARA settings" section that [`SARATrainer`] writes into an adapter's model card (the table of
-    `sara_weight`, `sara_layers`, ...), verbatim, or `None` when the card has none.
-    """
-    if card is None:
-        return None
-    lines = card.splitlines()
-    starts = [index for index, line in enumerate(lines) if line.strip() == SARA_SETTINGS_HEADING]
-    if not starts:
-        return None
-    body = []
-    for line in lines[starts[-1] + 1 :]:
-        if line.startswith("## ") or line.startswith("# "):
-            break
-        body.append(line)
-    return "\n".join(body).strip() or None
 
 
 def _markdown_list(values) -> str:

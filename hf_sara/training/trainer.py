@@ -40,6 +40,7 @@ from .anchors import (
 )
 from .collator import ANCHOR_KEY_PREFIX, ROW_IDS_KEY, AnchorStore, SARADataCollator
 from .config import SARAConfig, convert_training_arguments
+from .model_card import render_sara_settings
 from .paired_data import (
     LANGUAGE_COLUMN,
     ROW_COLUMN,
@@ -699,27 +700,19 @@ class SARATrainer(SFTTrainer):
                 f": summed over {self.args.gradient_accumulation_steps} accumulation steps x {processes} processes "
                 f"(effective weight {self.args.sara_weight * self.args.gradient_accumulation_steps * processes:g})"
             )
-        section = "\n".join(
+        section = render_sara_settings(
             [
-                "",
-                "",
-                "## SARA settings",
-                "",
-                "Trained with hf_sara's Semantically Anchored Routing Alignment: the SFT loss plus a Jensen-Shannon "
-                "loss between each example's expert routing and that of its high-resource anchor.",
-                "",
-                "| setting | value |",
-                "|---|---|",
-                f"| sara_weight | {self.args.sara_weight} |",
-                f"| sara_layers | `{self.args.sara_layers}`: MoE layers {self._sara_layer_indices} of "
-                f"{self._sara_num_layers} |",
-                f"| sara_loss_reduction | {reduction} |",
-                f"| sara_anchor_mode | {self.args.sara_anchor_mode} |",
-                f"| sara_pooling | {self.args.sara_pooling} |",
-                f"| sara_warmup_ratio | {self.args.sara_warmup_ratio} |",
-                f"| anchor_sft_weight | {self.args.anchor_sft_weight} |",
-                f"| languages | {languages} |",
-                "",
+                ("sara_weight", self.args.sara_weight),
+                (
+                    "sara_layers",
+                    f"`{self.args.sara_layers}`: MoE layers {self._sara_layer_indices} of {self._sara_num_layers}",
+                ),
+                ("sara_loss_reduction", reduction),
+                ("sara_anchor_mode", self.args.sara_anchor_mode),
+                ("sara_pooling", self.args.sara_pooling),
+                ("sara_warmup_ratio", self.args.sara_warmup_ratio),
+                ("anchor_sft_weight", self.args.anchor_sft_weight),
+                ("languages", languages),
             ]
         )
         with open(path, "a", encoding="utf-8") as card:
