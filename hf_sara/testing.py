@@ -22,7 +22,7 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from .files import package_data_path
+from .files.package_data import package_data_path
 from .training.paired_data import DEFAULT_ANCHOR_PREFIX, PROMPT_COMPLETION_FIELDS
 
 DEMO_DATA_FILE = "parallel_instructions.jsonl"

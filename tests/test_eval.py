@@ -12,15 +12,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_sara.cli import main
 from hf_sara.testing import save_tiny_model
-from hf_sara.tools.eval_files import GLOBAL_MMLU, M3KE, EvalFileError, load_eval_file, sample_eval_files
-from hf_sara.tools.evaluation import (
-    EvalSource,
-    evaluate_model,
-    language_of_task,
-    parse_sources,
-    scores_from_results,
-    write_local_tasks,
-)
+from hf_sara.tools.evaluation.local_files import GLOBAL_MMLU, M3KE, EvalFileError, load_eval_file, sample_eval_files
+from hf_sara.tools.evaluation.run import evaluate_model
+from hf_sara.tools.evaluation.scores import scores_from_results
+from hf_sara.tools.evaluation.sources import EvalSource, language_of_task, parse_sources
+from hf_sara.tools.evaluation.tasks import write_local_tasks
 
 LETTERS = ("A", "B", "C", "D")
 

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_sara import SARATrainer, patch_model, router_weight_names, routing_distributions
 from hf_sara.cli import main
-from hf_sara.tools.merge import _same_model, merge_adapter, sara_settings_section
+from hf_sara.tools.merge import _same_model, merge_adapter
+from hf_sara.training.model_card import sara_settings_section
 
 from .testing_utils import load_pairs, pairs_tokenizer, random_batch, sara_config, tiny_model
 

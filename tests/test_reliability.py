@@ -17,7 +17,7 @@ from datasets import Dataset
 
 from hf_sara import SARATrainer, patch_model, sara_alignment_loss
 from hf_sara.cli import main
-from hf_sara.files import atomic_write
+from hf_sara.files.atomic import atomic_write
 from hf_sara.testing import save_tiny_model
 from hf_sara.training.anchors import ANCHORS_FILE_NAME, ANCHORS_FORMAT
 from hf_sara.training.anchors.file import AnchorFileWriter
@@ -173,7 +173,7 @@ class TestPoolingAndPacking:
 
 class TestOutputDirectory:
     def test_a_second_training_in_the_same_output_dir_is_refused(self, tmp_path):
-        from hf_sara.files import LOCK_FILE_NAME, directory_lock
+        from hf_sara.files.lock import LOCK_FILE_NAME, directory_lock
 
         with directory_lock(tmp_path):
             with pytest.raises(RuntimeError, match=r"Another training is writing to .*choose another"):
@@ -185,7 +185,7 @@ class TestOutputDirectory:
     def test_the_lock_of_a_killed_run_is_taken_over(self, tmp_path):
         import socket
 
-        from hf_sara.files import LOCK_FILE_NAME
+        from hf_sara.files.lock import LOCK_FILE_NAME
 
         (tmp_path / LOCK_FILE_NAME).write_text(f"{socket.gethostname()} {2**22 + 12345}")
         _trainer(tmp_path).train()
@@ -463,7 +463,7 @@ class TestAdversarialFindings:
         assert sum(report.counts.values()) == 16
 
     def test_eval_task_names_that_collide_are_refused(self):
-        from hf_sara.tools.evaluation import parse_sources
+        from hf_sara.tools.evaluation.sources import parse_sources
 
         with pytest.raises(ValueError, match="'zh-Hans' and 'zh_Hans' both become the harness task"):
             parse_sources(files=["zh-Hans=a/m3ke_zh.jsonl", "zh_Hans=b/global_mmlu_sw.jsonl"])
@@ -485,7 +485,7 @@ class TestAdversarialFindings:
         assert not output.exists()
 
     def test_eval_cache_is_not_shared_across_max_lengths(self, tmp_path, capsys):
-        from hf_sara.tools.eval_files import sample_eval_files
+        from hf_sara.tools.evaluation.local_files import sample_eval_files
 
         model = save_tiny_model(str(tmp_path / "model"))
         arguments = ["eval", "--model", model, "--files", f"sw={sample_eval_files()['sw']}", "--batch-size", "4"]
@@ -551,7 +551,7 @@ def test_resuming_with_another_pooling_says_to_restore_it(tmp_path):
 
 
 def test_eval_files_saved_with_a_byte_order_mark(tmp_path):
-    from hf_sara.tools.eval_files import load_eval_file
+    from hf_sara.tools.evaluation.local_files import load_eval_file
 
     path = tmp_path / "exam.csv"
     path.write_bytes("\ufeffquestion,option_a,option_b,option_c,option_d,answer\nQ?,a,b,c,d,B\n".encode())
@@ -599,7 +599,7 @@ class TestSecondAdversarialReview:
     def test_locks_of_a_restarted_container_an_empty_lock_and_a_bad_lock(self, tmp_path, capsys):
         import socket
 
-        from hf_sara.files import LOCK_FILE_NAME, OutputDirectoryLockedError, directory_lock
+        from hf_sara.files.lock import LOCK_FILE_NAME, OutputDirectoryLockedError, directory_lock
 
         lock = tmp_path / LOCK_FILE_NAME
         lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # a killed run whose process id is ours now

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from hf_sara.cli import main
-from hf_sara.files import complete_checkpoint
+from hf_sara.files.checkpoints import complete_checkpoint
 from hf_sara.testing import load_demo_pairs
 from hf_sara.tools.pairs import split_by_item
 from hf_sara.tools.replication import ARMS, PAPER_RESULTS, parse_benchmarks, published_benchmarks
@@ -142,7 +142,7 @@ def test_analysis_pairs_without_plain_text_are_refused_before_training(tmp_path)
     from datasets import Dataset
 
     from hf_sara import SARAConfig
-    from hf_sara.tools.evaluation import EvalSettings
+    from hf_sara.tools.evaluation.run import EvalSettings
     from hf_sara.tools.replication import Replication
 
     train, _ = split_by_item(load_demo_pairs())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from ..files import OutputDirectoryLockedError
+from ..files.lock import OutputDirectoryLockedError
 from .common import CommandError
 
 USAGE = """hf-sara <command> [options]

@@ -39,14 +39,11 @@ def eval_command(argv: list[str]) -> int:
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
 
-    from ..tools.eval_files import sample_eval_files
-    from ..tools.evaluation import (
-        EvalSettings,
-        accuracy_table,
-        evaluate_and_report,
-        parse_sources,
-        require_lm_eval,
-    )
+    from ..tools.evaluation.local_files import sample_eval_files
+    from ..tools.evaluation.report import accuracy_table
+    from ..tools.evaluation.run import EvalSettings, evaluate_and_report
+    from ..tools.evaluation.sources import parse_sources
+    from ..tools.evaluation.tasks import require_lm_eval
     from ..tools.reporting import markdown_table
 
     require_lm_eval()

@@ -62,7 +62,8 @@ def replicate_command(argv: list[str]) -> int:
     import yaml
     from accelerate import PartialState
 
-    from ..tools.evaluation import EvalSettings, check_task_names, require_lm_eval, task_manager_for
+    from ..tools.evaluation.run import EvalSettings
+    from ..tools.evaluation.tasks import check_task_names, require_lm_eval, task_manager_for
     from ..tools.loading import load_dataset_dict, load_tokenizer, model_init_kwargs
     from ..tools.replication import Replication, parse_benchmarks, published_benchmarks, tiny_setup
     from ..tools.reporting import markdown_table

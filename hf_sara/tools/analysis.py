@@ -11,6 +11,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..files.names import safe_file_name
 from ..routing.capture import eval_mode, routing_distributions
 from ..routing.loss import js_divergence
 from ..routing.patching import patch_model
@@ -211,7 +212,7 @@ def write_report(
     write_csv(paths["csv"], rows)
     plot_layer_divergence(reports, paths["layers"], aligned)
     for name, report in reports.items():
-        key = "usage_" + "".join(ch if ch.isalnum() else "_" for ch in name)
+        key = "usage_" + safe_file_name(name)
         paths[key] = os.path.join(output_dir, f"expert_usage_{key[6:]}.png")
         plot_expert_usage(report, paths[key], title=f"Expert usage: {name}")
     return paths

@@ -4,10 +4,18 @@ and its tokenizer, inside an adapter folder or next to its base model."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ..files.records import record_format
+
+if TYPE_CHECKING:
+    import torch
+
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+# The dtypes a model is loaded in by name: "auto" (the checkpoint's) and the torch dtypes of these names.
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
 def find_tokenizer(reference: str, **kwargs) -> PreTrainedTokenizerBase | None:
@@ -52,21 +60,18 @@ def load_tokenizer(model: str, adapter: str | None = None, **kwargs) -> PreTrain
     return load_tokenizer_with_source(model, adapter, **kwargs)[0]
 
 
-_DATASET_BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "tsv": "csv"}
-
-
 def load_dataset_dict(name: str, config: str | None = None):
     """A local `.jsonl`/`.json`/`.parquet`/`.csv`/`.tsv` file (as its `train` split) or a Hub dataset."""
     from datasets import DatasetDict, load_dataset
 
     if os.path.isfile(name):
-        extension = name.rsplit(".", 1)[-1].lower()
-        builder = _DATASET_BUILDERS.get(extension)
-        if builder is None:
+        found = record_format(name)
+        if found is None:
             raise ValueError(f"cannot read {name}: expected a .json, .jsonl, .parquet, .csv or .tsv file")
         if os.path.getsize(name) == 0:
             raise ValueError(f"{name} is empty: there is no row to read")
-        extra = {"delimiter": "\t"} if extension == "tsv" else {}
+        builder = found.builder
+        extra = {"delimiter": found.delimiter} if found.delimiter else {}
         try:
             dataset = load_dataset(builder, data_files=name, split="train", **extra)
         except Exception as error:  # the builders raise many kinds (DatasetGenerationError, ArrowInvalid, ...)
@@ -82,9 +87,25 @@ def load_dataset_dict(name: str, config: str | None = None):
     return load_dataset(name, name=config)
 
 
+def parse_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    """
+    The `dtype` argument of `from_pretrained` for a dtype given by name ([`DTYPE_NAMES`]): `"auto"` as it is, the
+    others as the torch dtype of that name; a `torch.dtype` is returned unchanged.
+
+    Raises:
+        `ValueError`: for another name, listing those accepted.
+    """
+    import torch
+
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)} or a torch.dtype, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
 def model_init_kwargs(model_args, training_args) -> dict:
     """`from_pretrained` arguments from TRL's `ModelConfig` and the training arguments, as `trl sft` builds them."""
-    import torch
     from trl import get_quantization_config
 
     dtype = model_args.dtype
@@ -92,7 +113,7 @@ def model_init_kwargs(model_args, training_args) -> dict:
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
         attn_implementation=model_args.attn_implementation,
-        dtype=getattr(torch, dtype) if dtype not in (None, "auto") else dtype,
+        dtype=None if dtype is None else parse_dtype(dtype),
         quantization_config=get_quantization_config(model_args),
         **(training_args.model_init_kwargs or {}),
     )

@@ -15,15 +15,14 @@ from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict, load_pef
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.utils import logging
 
-from ..files import atomic_directory, check_output_directory
-from .loading import load_tokenizer_with_source
+from ..files.atomic import atomic_directory, check_output_directory
+from ..training.model_card import SARA_SETTINGS_HEADING, sara_settings_section
+from .loading import load_tokenizer_with_source, parse_dtype
 
 logger = logging.get_logger(__name__)
 
-SARA_SETTINGS_HEADING = "## SARA settings"
 # A Hub repository in the local cache: .../models--{org}--{name}/snapshots/{commit}
 _HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<repo>[^/\\]+)[/\\]snapshots[/\\][^/\\]+[/\\]?$")
-_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -85,14 +84,6 @@ def _base_revision(peft_config: PeftConfig, base_model: str) -> str | None:
     """The base revision the adapter records (`revision` in adapter_config.json), when the base is the one it names."""
     recorded = peft_config.base_model_name_or_path
     return peft_config.revision if recorded and _same_model(recorded, base_model) else None
-
-
-def _parse_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
-    if isinstance(dtype, torch.dtype) or dtype in _DTYPES.values():
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} or a torch.dtype, got {dtype!r}")
-    return _DTYPES[dtype]
 
 
 def check_adapter_fits_base(
@@ -209,25 +200,6 @@ def _adapter_card(adapter: str) -> str | None:
             return None
     with open(path, encoding="utf-8") as handle:
         return handle.read()
-
-
-def sara_settings_section(card: str | None) -> str | None:
-    """
-    The body of the "SARA settings" section that [`SARATrainer`] writes into an adapter's model card (the table of
-    `sara_weight`, `sara_layers`, ...), verbatim, or `None` when the card has none.
-    """
-    if card is None:
-        return None
-    lines = card.splitlines()
-    starts = [index for index, line in enumerate(lines) if line.strip() == SARA_SETTINGS_HEADING]
-    if not starts:
-        return None
-    body = []
-    for line in lines[starts[-1] + 1 :]:
-        if line.startswith("## ") or line.startswith("# "):
-            break
-        body.append(line)
-    return "\n".join(body).strip() or None
 
 
 def _markdown_list(values) -> str:
@@ -385,7 +357,7 @@ def merge_adapter(
             the base or the adapter.
         `FileExistsError`: a non-empty `output_dir` without `overwrite`.
     """
-    dtype = _parse_dtype(dtype)
+    dtype = parse_dtype(dtype)
     check_output_directory(output_dir, overwrite)
     base_model, peft_config, base_config = check_adapter_fits_base(
         base_model, adapter, allow_base_name_mismatch, trust_remote_code

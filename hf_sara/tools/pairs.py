@@ -8,7 +8,8 @@ from collections.abc import Iterable
 
 from datasets import Dataset
 
-from ..files import atomic_write, read_records, read_text
+from ..files.atomic import atomic_write
+from ..files.records import read_records, read_text
 from ..training.paired_data import (
     DEFAULT_ANCHOR_PREFIX,
     LANGUAGE_COLUMN,

@@ -17,7 +17,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
-from ..files import atomic_directory, atomic_write, complete_checkpoint
+from ..files.atomic import atomic_directory, atomic_write
+from ..files.checkpoints import complete_checkpoint
 from ..routing.layers import DEFAULT_LAYERS, resolve_layers
 from ..routing.patching import patch_model
 from ..testing import load_demo_pairs, save_tiny_model
@@ -25,8 +26,9 @@ from ..training.config import SARAConfig, convert_training_arguments
 from ..training.paired_data import anchored_subset, detect_paired_format, examples_only, plain_texts
 from ..training.trainer import SARATrainer
 from .analysis import RoutingReport, analyze_routing, write_report
-from .eval_files import sample_eval_files
-from .evaluation import EvalSettings, evaluate_and_report, parse_sources
+from .evaluation.local_files import sample_eval_files
+from .evaluation.run import EvalSettings, evaluate_and_report
+from .evaluation.sources import parse_sources
 from .pairs import split_by_item
 from .reporting import markdown_table, write_csv
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from typing import Any
+
+from ..files.atomic import commit_temporary, temporary_directory
 
 
 def markdown_table(rows: list[dict[str, object]], float_format: str = ".4f") -> str:
@@ -46,19 +46,16 @@ def new_figure(**kwargs: Any):
 def write_into(output_dir: str, write: Callable[[str], dict[str, str]]) -> dict[str, str]:
     """
     Runs `write(folder)` on a temporary folder beside `output_dir` and moves the files it returns (by kind) into
-    `output_dir` only once it succeeded, so a failure leaves no partial report. Returns the final paths by kind.
+    `output_dir` only once it succeeded, each flushed to disk and renamed in one step, so a failure leaves no partial
+    report (and a kill only a hidden folder that the next report into `output_dir` removes). Returns the final paths by
+    kind.
     """
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".hf-sara-")
-    try:
+    with temporary_directory(output_dir) as staging:
         paths = write(staging)
         os.makedirs(output_dir, exist_ok=True)
         moved = {}
         for kind, path in paths.items():
             target = os.path.join(output_dir, os.path.relpath(path, staging))
-            os.replace(path, target)
+            commit_temporary(path, target)
             moved[kind] = target
         return moved
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -6,4 +6,5 @@
 - [`collator`]: paired batches around the trainer's own collator.
 - [`anchors`]: offline anchor distributions: their identity, file, computation across ranks and cache policy.
 - [`compat`]: work-arounds for transformers and TRL on MoE models, each named with the release it was seen in.
+- [`model_card`]: the "SARA settings" section of the model card, written and read back.
 """

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from ..files import checkpoint_weight_names
+from ..files.checkpoints import checkpoint_weight_names
 from ..routing.families import num_experts
 
 logger = logging.get_logger(__name__)

@@ -17,7 +17,8 @@ from transformers.utils import logging
 from trl import SFTTrainer
 from trl.data_utils import pack_dataset
 
-from ..files import complete_checkpoint, directory_lock
+from ..files.checkpoints import complete_checkpoint
+from ..files.lock import directory_lock
 from ..routing.capture import capture_routing
 from ..routing.layers import resolve_layers
 from ..routing.loss import alignment_divergences, masked_layer_mean
@@ -33,6 +34,7 @@ from .compat import (
     sft_trainer_compatibility,
 )
 from .config import SARAConfig, convert_training_arguments
+from .model_card import render_sara_settings
 from .paired_data import (
     LANGUAGE_COLUMN,
     ROW_COLUMN,
@@ -615,27 +617,19 @@ class SARATrainer(SFTTrainer):
             reduction += ": summed over the accumulation steps and processes of each optimizer step " + (
                 f"(x{scale:g}: effective weight {self.args.sara_weight * scale:g})" if scale else "(not trained yet)"
             )
-        section = "\n".join(
+        section = render_sara_settings(
             [
-                "",
-                "",
-                "## SARA settings",
-                "",
-                "Trained with hf_sara's Semantically Anchored Routing Alignment: the SFT loss plus a Jensen-Shannon "
-                "loss between each example's expert routing and that of its high-resource anchor.",
-                "",
-                "| setting | value |",
-                "|---|---|",
-                f"| sara_weight | {self.args.sara_weight} |",
-                f"| sara_layers | `{self.args.sara_layers}`: MoE layers {self._sara_layer_indices} of "
-                f"{self._sara_num_layers} |",
-                f"| sara_loss_reduction | {reduction} |",
-                f"| sara_anchor_mode | {self.args.sara_anchor_mode} |",
-                f"| sara_pooling | {self.args.sara_pooling} |",
-                f"| sara_warmup_ratio | {self.args.sara_warmup_ratio} |",
-                f"| anchor_sft_weight | {self.args.anchor_sft_weight} |",
-                f"| languages | {languages} |",
-                "",
+                ("sara_weight", self.args.sara_weight),
+                (
+                    "sara_layers",
+                    f"`{self.args.sara_layers}`: MoE layers {self._sara_layer_indices} of {self._sara_num_layers}",
+                ),
+                ("sara_loss_reduction", reduction),
+                ("sara_anchor_mode", self.args.sara_anchor_mode),
+                ("sara_pooling", self.args.sara_pooling),
+                ("sara_warmup_ratio", self.args.sara_warmup_ratio),
+                ("anchor_sft_weight", self.args.anchor_sft_weight),
+                ("languages", languages),
             ]
         )
         with open(path, "a", encoding="utf-8") as card:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...files import commit_temporary, new_temporary
+from ...files.atomic import commit_temporary, new_temporary
 
 # safetensors dtype names of the tensors an anchors file holds.
 _DTYPES = {"F32": np.float32, "BOOL": np.bool_}

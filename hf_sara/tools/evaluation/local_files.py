@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..files import package_data_path, read_records
+from ...files.package_data import package_data_path
+from ...files.records import read_records
 
 ANSWER_LETTERS = ("A", "B", "C", "D")
 EVAL_DATA_DIR = package_data_path("data", "eval")
