@@ -2,6 +2,7 @@
 pairs, with TRL's `SFTTrainer`, `SARATrainer`, transformers' `Trainer` and on 2 processes (DDP, FSDP2); measuring
 changes nothing in the training and leaves nothing on the model."""
 
+import copy
 import json
 import os
 import subprocess
@@ -19,7 +20,10 @@ from hf_sara.routing.layers import resolve_layers
 from hf_sara.routing.patching import RouterHook
 from hf_sara.tools.analysis import analyze_routing
 from hf_sara.tools.monitor import FIGURE_FILE_NAME
+from hf_sara.tools.paired_routing import encode_pairs, measure_pairs
+from hf_sara.training.paired_data import detect_paired_format
 
+from .test_dealing import run_on_ranks
 from .test_distributed import DISTRIBUTED_TYPES, ENGINES, ROOT, free_port
 from .testing_utils import load_pairs, pairs_in_format, pairs_model, pairs_tokenizer, sara_config, sft_config
 
@@ -238,6 +242,9 @@ def test_every_paired_format_is_measured_outside_training_too(tmp_path):
         torch.equal(reports["prompt_completion"].divergence[language], reference.divergence[language])
         for language in reference.divergence
     )
+    # `analyze_routing` reads every format too, through the same measurement: the very same report.
+    for name, dataset in datasets.items():
+        assert_same_report(reports[name], analyze_routing(patch_model(pairs_model()), tokenizer, dataset))
     # Rows without an anchor are skipped; a model patched by the user stays patched, with the same hooks.
     patch_model(model)
     before = hooks(model)
@@ -246,6 +253,30 @@ def test_every_paired_format_is_measured_outside_training_too(tmp_path):
     )
     report = RoutingDivergenceCallback(trainer, partial, plot=False).measure()
     assert report.counts == {"sw": 6, "hi": 6} and hooks(model) == before
+
+
+def assert_same_report(report, expected) -> None:
+    assert report.counts == expected.counts
+    for field in ("divergence", "usage"):
+        values, expected_values = getattr(report, field), getattr(expected, field)
+        assert list(values) == list(expected_values)
+        assert all(torch.equal(values[key], expected_values[key]) for key in values), field
+
+
+@pytest.mark.parametrize("num_processes", [2, 3])
+def test_any_number_of_ranks_gives_the_report_of_one_process(num_processes):
+    pairs = encode_pairs(load_pairs(), detect_paired_format(load_pairs().column_names), pairs_tokenizer())
+    model = patch_model(pairs_model())
+    expected, measured = measure_pairs(model, pairs, batch_size=3)
+    assert measured == 16
+
+    def work(rank, gather):  # each simulated rank runs its own copy (a capture belongs to one forward at a time)
+        return measure_pairs(copy.deepcopy(model), pairs, 3, rank, num_processes, gather)
+
+    results = run_on_ranks(num_processes, work)
+    for report, _ in results:
+        assert_same_report(report, expected)  # the usage too: summed pair after pair in the pairs' order
+    assert sum(measured for _, measured in results) == 16
 
 
 def test_refusals(tmp_path):

@@ -4,64 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-import torch
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..files.names import safe_file_name
-from ..routing.capture import eval_mode, routing_distributions
-from ..routing.loss import js_divergence
 from ..routing.patching import patch_model
-from ..training.paired_data import LANGUAGE_COLUMN, anchored_subset, detect_paired_format, languages_of, plain_texts
+from ..training.paired_data import LANGUAGE_COLUMN, detect_paired_format
+from .paired_routing import RoutingReport, encode_pairs, measure_pairs
 from .reporting import markdown_table, new_figure, write_csv
-
-ANCHOR_LANGUAGE = "anchor"
-UNKNOWN_LANGUAGE = "unknown"
-
-
-@dataclass
-class RoutingReport:
-    """
-    Routing of one model on a paired dataset.
-
-    Attributes:
-        divergence (`dict[str, torch.Tensor]`):
-            Per language, the mean JS divergence between its examples' routing and their anchors', per MoE layer
-            (`[n_moe_layers]`).
-        usage (`dict[str, torch.Tensor]`):
-            Per language (and `"anchor"` for the anchors), the mean routing distribution, `[n_moe_layers, n_experts]`.
-        counts (`dict[str, int]`):
-            Number of pairs per language.
-    """
-
-    divergence: dict[str, torch.Tensor]
-    usage: dict[str, torch.Tensor]
-    counts: dict[str, int]
-
-    def mean_divergence(self, layers: list[int] | None = None) -> dict[str, float]:
-        return {
-            language: (values if layers is None else values[layers]).mean().item()
-            for language, values in self.divergence.items()
-        }
-
-
-@torch.no_grad()
-def _routing(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int, max_length):
-    device = next(model.parameters()).device
-    results = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[start : start + batch_size],
-            return_tensors="pt",
-            padding=True,
-            truncation=max_length is not None,
-            max_length=max_length,
-        ).to(device)
-        results.append(routing_distributions(model, batch["input_ids"], batch["attention_mask"]).cpu())
-    return torch.cat(results)
 
 
 def analyze_routing(
@@ -72,16 +24,19 @@ def analyze_routing(
     max_length: int | None = 512,
 ) -> RoutingReport:
     """
-    Measures, per language and MoE layer, how far the examples' routing is from their anchors'.
+    Measures, per language and MoE layer, how far the examples' routing is from their anchors' (through
+    [`measure_pairs`], as [`RoutingDivergenceCallback`] does during training).
 
     Args:
         model (`torch.nn.Module`):
             A model patched with [`patch_model`] (a PEFT model to analyse an adapter).
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
-            Its tokenizer (right padding).
+            Its tokenizer.
         dataset ([`~datasets.Dataset`]):
-            Plain-text pairs (`prompt`/`completion` + `anchor_prompt`/`anchor_completion`, or `text` + `anchor_text`),
-            with a `language` column (rows without one count as `"unknown"`); rows without anchor are skipped.
+            Pairs in any paired format (see [`detect_paired_format`]): `prompt`/`completion` +
+            `anchor_prompt`/`anchor_completion`, `text` + `anchor_text`, `messages` + `anchor_messages` (through the
+            tokenizer's chat template, see [`encode_pairs`]) or tokenized `input_ids` + `anchor_input_ids`; with a
+            `language` column (rows without one count as `"unknown"`). Rows without anchor are skipped.
         batch_size (`int`, *optional*, defaults to `16`):
             Sequences per forward.
         max_length (`int` or `None`, *optional*, defaults to `512`):
@@ -93,18 +48,7 @@ def analyze_routing(
     # The same reading of the paired format as the trainer's: only the format's own anchor columns count, and every
     # example must be there.
     paired_format = detect_paired_format(dataset.column_names)
-    dataset = anchored_subset(dataset, paired_format)
-    languages = languages_of(dataset, missing=UNKNOWN_LANGUAGE)
-    with eval_mode(model):
-        examples = _routing(model, tokenizer, plain_texts(dataset, paired_format), batch_size, max_length)
-        anchors = _routing(model, tokenizer, plain_texts(dataset, paired_format, anchors=True), batch_size, max_length)
-    divergences = js_divergence(examples, anchors)  # [rows, layers]
-    report = RoutingReport({}, {ANCHOR_LANGUAGE: anchors.mean(0)}, {})
-    for language in dict.fromkeys(languages):
-        rows = torch.tensor([i for i, value in enumerate(languages) if value == language])
-        report.divergence[language] = divergences[rows].mean(0)
-        report.usage[language] = examples[rows].mean(0)
-        report.counts[language] = len(rows)
+    report, _ = measure_pairs(model, encode_pairs(dataset, paired_format, tokenizer, max_length), batch_size)
     return report
 
 

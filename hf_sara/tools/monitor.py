@@ -11,7 +11,6 @@ import torch
 from datasets import Dataset
 from torch import nn
 from transformers import (
-    PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
     TrainerControl,
@@ -19,79 +18,20 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.utils import logging
-from trl.data_utils import is_conversational
 
-from ..distributed import forget_zero3_trace, rank_batches
-from ..routing.capture import eval_mode, routing_distributions
+from ..distributed import forget_zero3_trace
+from ..routing.capture import eval_mode
 from ..routing.discovery import find_routers, no_router_error
 from ..routing.layers import LayerSelection, resolve_layers
-from ..routing.loss import js_divergence
 from ..routing.patching import get_routing_state, patch_model, unpatch_model
-from ..training.paired_data import (
-    DEFAULT_ANCHOR_PREFIX,
-    MESSAGES_FIELDS,
-    PROMPT_COMPLETION_FIELDS,
-    TEXT_FIELD,
-    TOKENIZED_FIELDS,
-    PairedFormat,
-    anchored_subset,
-    detect_paired_format,
-    languages_of,
-)
-from .analysis import ANCHOR_LANGUAGE, UNKNOWN_LANGUAGE, RoutingReport, plot_layer_divergence
+from ..training.paired_data import DEFAULT_ANCHOR_PREFIX, TEXT_FIELD, detect_paired_format
+from .analysis import plot_layer_divergence
+from .paired_routing import RoutingReport, encode_pairs, measure_pairs
 
 logger = logging.get_logger(__name__)
 
 FIGURE_FILE_NAME = "routing_layer_divergence.png"
 METRIC_PREFIX = "routing/js_"
-
-
-def encode_pairs(
-    dataset: Dataset,
-    paired_format: PairedFormat,
-    prefix: str,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int | None,
-) -> list[list[int]]:
-    """
-    Token ids of one side of a paired dataset, one list per row: the example's (`prefix=""`) or the anchor's.
-
-    Plain text is tokenized as [`analyze_routing`] does it (`prompt + completion`, or the text, with the tokenizer's
-    special tokens), so both measure the same sequences; conversational rows (`messages`, or conversational
-    `prompt`/`completion`) go through the tokenizer's chat template, the whole conversation at once; tokenized rows
-    (`input_ids`) are taken as they are. Everything is truncated to `max_length`.
-    """
-    truncation = {"truncation": max_length is not None, "max_length": max_length}
-    columns = [prefix + name for name in paired_format.fields]
-    if paired_format.fields == TOKENIZED_FIELDS:
-        sequences = [list(ids) for ids in dataset[columns[0]]]
-        if max_length is None:
-            return sequences
-        left = getattr(tokenizer, "truncation_side", "right") == "left"
-        return [ids[-max_length:] if left else ids[:max_length] for ids in sequences]
-    sequences = []
-    for values in zip(*(dataset[column] for column in columns), strict=True):
-        example = dict(zip(paired_format.fields, values, strict=True))
-        if is_conversational(example):
-            messages = example.get(MESSAGES_FIELDS[0]) or [
-                turn for name in PROMPT_COMPLETION_FIELDS for turn in example[name]
-            ]
-            text = tokenizer.apply_chat_template(messages, tokenize=False)
-            sequences.append(tokenizer(text, add_special_tokens=False, **truncation)["input_ids"])
-        else:
-            sequences.append(tokenizer("".join(values), **truncation)["input_ids"])
-    return sequences
-
-
-def _padded(sequences: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded `input_ids` and `attention_mask`, as a tokenizer pads a batch to its longest sequence."""
-    length = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 class RoutingDivergenceCallback(TrainerCallback):
@@ -114,16 +54,17 @@ class RoutingDivergenceCallback(TrainerCallback):
     - `routing/js_<language>`: the mean over `layers` (the aligned layers) of the language's per-layer divergence;
     - `routing/js_<language>_layer<i>`: the divergence at MoE layer `i`, for every captured MoE layer.
 
-    On plain-text pairs the values are those of [`analyze_routing`] (`hf-sara analyze`) on the same model and pairs:
-    the same sequences, batches and reductions. At the end of training the per-layer figure of the first and the last
-    measurement is written to `<output_dir>/routing_layer_divergence.png`. An unpatched model is patched for the
-    measurements and unpatched at the end of training (or right after a measurement outside training); a model that
-    was already patched (by you or by `SARATrainer`) is left as it is.
+    The values are those of [`analyze_routing`] (`hf-sara analyze`) on the same model, pairs and `batch_size`, in any
+    paired format: both measure through [`measure_pairs`] (the same sequences, batches and reductions). At the end of
+    training the per-layer figure of the first and the last measurement is written to
+    `<output_dir>/routing_layer_divergence.png`. An unpatched model is patched for the measurements and unpatched at
+    the end of training (or right after a measurement outside training); a model that was already patched (by you or
+    by `SARATrainer`) is left as it is.
 
-    Under DDP, FSDP2 and DeepSpeed the batches of pairs are dealt round-robin over the ranks, the per-pair divergences
-    gathered, and every rank logs the same values (only the main process's reporters write them, as for the trainer's
-    own loss): the values of one process measuring every pair (tested under DDP and FSDP2 on 2 processes; DeepSpeed
-    ZeRO-3 goes through the engine's forward, checked by hand only).
+    Under DDP, FSDP2 and DeepSpeed the batches of pairs are dealt round-robin over the ranks ([`deal_batches`]), each
+    round's per-pair measurements gathered, and every rank logs the same values (only the main process's reporters
+    write them, as for the trainer's own loss): the values of one process measuring every pair (tested under DDP and
+    FSDP2 on 2 processes; DeepSpeed ZeRO-3 goes through the engine's forward, checked by hand only).
 
     Args:
         trainer ([`~transformers.Trainer`]):
@@ -194,17 +135,10 @@ class RoutingDivergenceCallback(TrainerCallback):
         prefix = anchor_prefix or getattr(args, "anchor_prefix", None) or DEFAULT_ANCHOR_PREFIX
         text_field = getattr(args, "dataset_text_field", TEXT_FIELD)
         paired_format = detect_paired_format(pairs.column_names, prefix, text_field)
-        pairs = anchored_subset(pairs, paired_format)
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         if tokenizer is None:
             raise ValueError("The trainer has no `processing_class` (tokenizer) to tokenize the pairs with.")
-        self._examples = encode_pairs(pairs, paired_format, "", tokenizer, max_length)
-        self._anchors = encode_pairs(pairs, paired_format, prefix, tokenizer, max_length)
-        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._pad_token_id = pad_token_id if pad_token_id is not None else 0
-        languages = languages_of(pairs, missing=UNKNOWN_LANGUAGE)
-        self._languages = list(dict.fromkeys(languages))
-        self._language_of_row = torch.tensor([self._languages.index(language) for language in languages])
+        self._pairs = encode_pairs(pairs, paired_format, tokenizer, max_length)
 
         # The layers, checked now rather than at the first measurement.
         state = get_routing_state(trainer.model)
@@ -264,9 +198,9 @@ class RoutingDivergenceCallback(TrainerCallback):
             unpatch_model(self.trainer.model)
             self._patched_here = False
 
-    def _routing(self, model: nn.Module, sequences: list[list[int]], device: torch.device) -> torch.Tensor:
-        input_ids, attention_mask = _padded(sequences, self._pad_token_id, device)
-        return routing_distributions(model, input_ids, attention_mask, logits_to_keep=1).cpu()
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        accelerator = self.trainer.accelerator
+        return accelerator.gather(tensor.to(accelerator.device)).cpu()
 
     @torch.no_grad()
     def measure(self) -> RoutingReport:
@@ -279,50 +213,16 @@ class RoutingDivergenceCallback(TrainerCallback):
             count, as [`analyze_routing`] returns them.
         """
         accelerator = self.trainer.accelerator
-        model = self._model()
-        num_rows = len(self._examples)
-        num_batches = -(-num_rows // self.batch_size)
-        num_languages = len(self._languages)
-        mine = rank_batches(num_batches, accelerator.num_processes, accelerator.process_index)
-        divergences, row_ids = [], []
-        usage = None  # per language, then the anchors: summed routing of this process's rows
-        with self._patched(), eval_mode(model):
-            device = next(model.parameters()).device
-            for batch in mine:
-                # A process left without a batch runs one anyway and drops it: sharded engines gather in every forward.
-                start = (batch if batch is not None else 0) * self.batch_size
-                rows = list(range(start, min(start + self.batch_size, num_rows)))
-                examples = self._routing(model, [self._examples[row] for row in rows], device)
-                anchors = self._routing(model, [self._anchors[row] for row in rows], device)
-                padded = torch.zeros(self.batch_size, examples.shape[1])
-                padded[: len(rows)] = js_divergence(examples, anchors)  # [rows, layers]
-                ids = torch.full((self.batch_size,), -1, dtype=torch.long)
-                if usage is None:
-                    usage = torch.zeros(num_languages + 1, *examples.shape[1:])
-                if batch is not None:
-                    ids[: len(rows)] = torch.tensor(rows)
-                    usage.index_add_(0, self._language_of_row[rows], examples)
-                    usage[num_languages] += anchors.sum(0)
-                divergences.append(padded)
-                row_ids.append(ids)
+        with self._patched():
+            report, self.rows_measured = measure_pairs(
+                self._model(),
+                self._pairs,
+                self.batch_size,
+                accelerator.process_index,
+                accelerator.num_processes,
+                self._gather,
+            )
             forget_zero3_trace(self.trainer.model_wrapped)
-        self.rows_measured = sum(len(ids[ids >= 0]) for ids in row_ids)
-        gather_device = accelerator.device
-        divergences = accelerator.gather(torch.cat(divergences).to(gather_device)).cpu()
-        row_ids = accelerator.gather(torch.cat(row_ids).to(gather_device)).cpu()
-        usage = accelerator.gather(usage[None].to(gather_device)).cpu().sum(0)
-        # Back in the rows' order, so the means below reduce the same values in the same order as one process does.
-        present = row_ids >= 0
-        divergences = divergences[present][row_ids[present].argsort()]
-        if divergences.shape[0] != num_rows:
-            raise RuntimeError(f"Gathered {divergences.shape[0]} measured pairs of {num_rows}.")
-        report = RoutingReport({}, {}, {})
-        for index, language in enumerate(self._languages):
-            members = (self._language_of_row == index).nonzero().flatten()
-            report.divergence[language] = divergences[members].mean(0)
-            report.usage[language] = usage[index] / len(members)
-            report.counts[language] = len(members)
-        report.usage[ANCHOR_LANGUAGE] = usage[num_languages] / num_rows
         return report
 
     def metrics(self, report: RoutingReport) -> dict[str, float]:

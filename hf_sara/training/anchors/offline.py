@@ -14,7 +14,7 @@ from torch import nn
 from transformers.utils import logging
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from ...distributed import rank_batches
+from ...distributed import deal_batches, rank_batches
 from ...routing.capture import capture_routing, eval_mode
 from ...routing.loss import check_distributions
 from ...routing.patching import get_routing_state
@@ -250,37 +250,34 @@ class OfflineAnchors:
             for name, table in tables.items()
             for start in range(0, len(table.rows), batch_size)
         ]
-        mine = rank_batches(len(batches), num_processes, process_index)
+
+        def pool(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+            name, start, end = batches[batch]
+            rows = tables[name].rows.select(range(start, end))
+            pooled = _pool_rows(model, rows, data_collator, pooling, device)
+            return pooled, torch.tensor(rows[ROW_COLUMN], dtype=torch.long, device=pooled.device)
+
+        sizes = [end - start for _, start, end in batches]
+        rounds = deal_batches(sizes, pool, process_index, num_processes, gather)  # computed as the loop asks
+        total = len(rank_batches(len(batches), num_processes, process_index))
+        progress = logging.tqdm(rounds, desc="SARA: offline anchors", total=total, disable=process_index != 0)
         writer = None
         computed = 0
         with eval_mode(model):
             try:
-                for batch in logging.tqdm(mine, desc="SARA: offline anchors", disable=process_index != 0):
-                    name, start, end = batches[batch if batch is not None else 0]
-                    table = tables[name]
-                    rows = table.rows.select(range(start, end))
-                    pooled = _pool_rows(model, rows, data_collator, pooling, device)
-                    row_ids = torch.tensor(rows[ROW_COLUMN], dtype=torch.long, device=pooled.device)
-                    if batch is None:  # a rank with no batch left runs one anyway (sharded engines), then drops it
-                        row_ids = torch.full_like(row_ids, -1)
-                    else:
-                        computed += len(row_ids)
-                    padded = pooled.new_zeros(batch_size, *pooled.shape[1:])
-                    padded[: len(row_ids)] = pooled
-                    padded_ids = row_ids.new_full((batch_size,), -1)
-                    padded_ids[: len(row_ids)] = row_ids
-                    if num_processes > 1:
-                        padded, padded_ids = gather(padded), gather(padded_ids)
+                for round_ in progress:
+                    computed += round_.computed
                     if write:
+                        pooled, row_ids = round_.values
                         if writer is None:
                             writer = cls._writer(path, tables, metadata, num_layers, pooled.shape[-1])
-                        cls._write_rows(writer, tables, padded.cpu(), padded_ids.cpu())
+                        cls._write_rows(writer, tables, pooled.cpu(), row_ids.cpu())
                 if write:
                     writer = writer or cls._writer(path, tables, metadata, num_layers, 0)
                     for name, table in tables.items():
                         has_anchor = torch.zeros(table.size, dtype=torch.bool)
-                        has_anchor[torch.tensor(table.rows[ROW_COLUMN], dtype=torch.long) - table.offset] = True
-                        writer.write(f"{name}.has_anchor", slice(None), has_anchor)
+                        has_anchor[table.anchored_rows()] = True
+                        writer.write(flags_key(name), slice(None), has_anchor)
                     writer.commit()
                     logger.info(f"SARA: computed offline anchors for {list(tables)} and saved them to {path}.")
             except BaseException:
