@@ -227,3 +227,69 @@ def test_hf_sara_anchors_splits_the_rows_across_ranks(model_dir, one_process, tm
     )  # fmt: skip
     assert "rows computed per rank: 8, 8" in completed.stdout, completed.stdout[-2000:]
     assert_same_anchors(tmp_path / ANCHORS_FILE_NAME, one_process["offline"]["anchors"])
+
+
+# LoRA on attention and routers with gradient checkpointing: under ZeRO-3, TRL forces reentrant checkpointing for PEFT
+# (the alignment gradient is added where the backward recomputes each router); under FSDP2 it is transformers' default,
+# non-reentrant. Compared with one process without checkpointing over the same micro-batches.
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(model_dir, tmp_path_factory):
+    """A saved LoRA adapter (attention and routers) whose B matrices are not zero, so every adapter weight trains."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], target_parameters=["mlp.gate.weight"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02)
+    path = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process_lora(model_dir, lora_adapter, tmp_path_factory):
+    """One process without checkpointing, the same micro-batches: offline SARA and plain SFT (weight 0) with LoRA."""
+    runs = {}
+    for name, weight in {"offline": 1.5, "sft": 0.0}.items():
+        output_dir = tmp_path_factory.mktemp(f"one_process_lora_{name}")
+        launch_one_process(output_dir, model_dir, "--lora", str(lora_adapter), "--sara-weight", str(weight))
+        ranks = json.loads((output_dir / "rank0.json").read_text())
+        runs[name] = {"logged": ranks["logged"], "after": ranks["router_weights"]}
+    return runs
+
+
+def launch_one_process(output_dir, model_dir, *extra: str, anchors: str = "trainer") -> None:
+    """The script on one process, by default 2 rows x 2 accumulation steps: the micro-batches of 2 ranks x 2 rows."""
+    command = [sys.executable, SCRIPT, str(output_dir), str(model_dir), anchors, "--gradient-accumulation-steps", "2"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [*command, *extra], capture_output=True, text=True, env=environment, timeout=900, cwd=ROOT
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+
+
+@pytest.mark.parametrize("engine, reentrant", [("zero3", True), ("fsdp2", False)])
+def test_lora_with_gradient_checkpointing(engine, reentrant, model_dir, lora_adapter, one_process_lora, tmp_path):
+    ranks = train_on_two_ranks(
+        engine, tmp_path, model_dir, "trainer", "--lora", str(lora_adapter), "--gradient-checkpointing"
+    )
+    # TRL forces reentrant checkpointing for PEFT under ZeRO-3; transformers' default elsewhere is non-reentrant.
+    modes = [(rank["gradient_checkpointing_kwargs"] or {}).get("use_reentrant", False) for rank in ranks]
+    assert modes == [reentrant, reentrant]
+    assert ranks[0]["logged"] == ranks[1]["logged"]
+    reference, sft = one_process_lora["offline"], one_process_lora["sft"]
+    assert [entry["sara/js"] for entry in ranks[0]["logged"]] == pytest.approx(
+        [entry["sara/js"] for entry in reference["logged"]], rel=1e-2
+    )
+    for name, expected in reference["after"].items():
+        moved, expected = torch.tensor(ranks[0]["router_weights"][name]), torch.tensor(expected)
+        assert torch.equal(moved, torch.tensor(ranks[1]["router_weights"][name]))
+        sara_update = expected - torch.tensor(sft["after"][name])
+        assert sara_update.norm() > 1e-5, f"{name}: the alignment loss must move the adapter for this test to mean it"
+        error = (moved - expected).norm()
+        assert error < 1e-2 * sara_update.norm(), f"{name}: off by {error:.2e}, SARA update {sara_update.norm():.2e}"

@@ -506,10 +506,6 @@ class TestSettings:
         assert _losses(checkpointed) == pytest.approx(_losses(plain), abs=1e-5)
         assert _js_log(checkpointed) == pytest.approx(_js_log(plain), abs=1e-7)
 
-    def test_reentrant_gradient_checkpointing_is_refused(self, tmp_path):
-        with pytest.raises(RuntimeError, match="use_reentrant=True.*'use_reentrant': False"):
-            self._train(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
-
     def test_bf16_mixed_precision(self, tmp_path):
         trainer = self._train(tmp_path, bf16=True, max_steps=2)
         assert all(0 <= js < 1 for js in _js_log(trainer))

@@ -57,6 +57,16 @@ def load_pairs():
     return load_dataset("json", data_files=PAIRS_FILE, split="train")
 
 
+def without_anchors(dataset, rows: list[int]):
+    """`dataset` with the anchors of `rows` removed."""
+    from datasets import Dataset
+
+    records = dataset.to_list()
+    for row in rows:
+        records[row].update(anchor_prompt=None, anchor_completion=None)
+    return Dataset.from_list(records)
+
+
 _TOKENIZER = None
 
 

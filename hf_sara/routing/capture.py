@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..distributed import has_sharded_parameters
+from .deferred import DeferredAlignment
 from .discovery import RouterSite
+from .loss import alignment_divergences
 from .patching import RouterInput, get_routing_state
 from .pooling import TokenSegments, pool_routing, pool_routing_from_router_input, token_segments
 
+# How a capture makes the routing differentiable, see `capture_routing`.
+GRADIENT_MODES = ("graph", "deferred", "none")
+
 _REENTRANT_CHECKPOINT_ERROR = (
     "A router ran under torch.no_grad() inside a forward that was opened with gradients enabled: this is gradient "
-    "checkpointing with `use_reentrant=True`, which runs each layer's first forward without autograd, so the SARA "
-    "loss would train nothing. Use non-reentrant checkpointing: `activation_checkpointing_kwargs={'use_reentrant': "
-    "False}` (`gradient_checkpointing_kwargs` before transformers 5) in your TrainingArguments/SFTConfig, or "
-    "`model.activation_checkpointing_enable({'use_reentrant': False})`. TRL forces reentrant mode for PEFT with "
-    "DeepSpeed ZeRO-3: there, use ZeRO-2 or FSDP, or turn checkpointing off."
+    "checkpointing with `use_reentrant=True`, which runs each layer's first forward without autograd, so a loss built "
+    "from `capture.distributions()` would train nothing. Open the capture with `gradient='deferred'` and add "
+    "`capture.alignment_term(...)` to the loss (what SARATrainer does: it trains under every checkpointing mode), or "
+    "use non-reentrant checkpointing: `activation_checkpointing_kwargs={'use_reentrant': False}` "
+    "(`gradient_checkpointing_kwargs` before transformers 5), or `model.activation_checkpointing_enable("
+    "{'use_reentrant': False})`."
 )
 
 
@@ -50,6 +58,7 @@ class RoutingCapture:
         keep_scores: bool = False,
         recompute_router_logits: bool = False,
         checkpointing: bool = True,
+        gradient: str = "graph",
     ):
         self.checkpointing = checkpointing
         self.segments = segments
@@ -57,23 +66,43 @@ class RoutingCapture:
         self.pooled: list[torch.Tensor | None] = [None] * num_layers
         self.raw_scores: list[torch.Tensor | None] | None = [None] * num_layers if keep_scores else None
         self.grad_enabled = torch.is_grad_enabled()
-        self.recompute_router_logits = recompute_router_logits and self.grad_enabled
+        self.gradient = gradient if self.grad_enabled else "none"
+        self.recompute_router_logits = recompute_router_logits and self.gradient == "graph"
+        self.deferred = DeferredAlignment(segments, sites) if self.gradient == "deferred" else None
 
-    def record(self, layer: int, scores: torch.Tensor, site: RouterSite, router_input: RouterInput | None = None):
+    def record(
+        self,
+        layer: int,
+        scores: torch.Tensor,
+        site: RouterSite,
+        router_input: RouterInput | None = None,
+        output: Any = None,
+    ) -> Any:
         """
-        Pools one router's scores. With `router_input` (the `(input, weight, bias)` of a linear router whose scores
-        are `F.linear(input, weight, bias)`), the backward recomputes the scores instead of keeping per-token
-        probabilities, see [`pool_routing_from_router_input`].
+        Pools one router's scores; returns the router output the model goes on with (`None`: unchanged). With
+        `router_input` (the `(input, weight, bias)` of a linear router whose scores are `F.linear(input, weight,
+        bias)`), the backward recomputes the scores instead of keeping per-token probabilities, see
+        [`pool_routing_from_router_input`].
         """
-        if self.grad_enabled and not torch.is_grad_enabled():
-            raise RuntimeError(_REENTRANT_CHECKPOINT_ERROR if self.checkpointing else _NO_GRAD_INSIDE_ERROR)
         if self.pooled[layer] is not None:
             raise RuntimeError(
                 f"The router {site.name!r} ran twice while one routing capture was open. Open one capture per forward "
                 "(call backward and generate outside `capture_routing`)."
             )
+        if self.raw_scores is not None:
+            self.raw_scores[layer] = scores.detach().reshape(-1, scores.shape[-1])
+        if self.deferred is not None:
+            replaced = self.deferred.record(layer, scores, output)
+            self.pooled[layer] = self.deferred.pooled[layer]
+            return replaced
         if self.segments.token_index.device != scores.device:
             self.segments = self.segments.to(scores.device)
+        if self.gradient == "none":
+            with torch.no_grad():
+                self.pooled[layer] = pool_routing(scores.detach(), site.scoring, self.segments)
+            return None
+        if not torch.is_grad_enabled():
+            raise RuntimeError(_REENTRANT_CHECKPOINT_ERROR if self.checkpointing else _NO_GRAD_INSIDE_ERROR)
         # The pooling ops save what their backward needs themselves, outside any saved-tensor hooks: a non-reentrant
         # gradient checkpoint must not try to recompute them (its recomputation records nothing, see patch_model).
         with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
@@ -81,8 +110,7 @@ class RoutingCapture:
                 self.pooled[layer] = pool_routing_from_router_input(scores, *router_input, site.scoring, self.segments)
             else:
                 self.pooled[layer] = pool_routing(scores, site.scoring, self.segments)
-        if self.raw_scores is not None:
-            self.raw_scores[layer] = scores.detach().reshape(-1, scores.shape[-1])
+        return None
 
     def scores(self) -> list[torch.Tensor]:
         """
@@ -123,6 +151,61 @@ class RoutingCapture:
             )
         return torch.stack(self.pooled, dim=1)  # type: ignore[arg-type]
 
+    def alignment_term(
+        self,
+        anchor_distributions: torch.Tensor,
+        has_anchor: torch.Tensor,
+        row_weights: torch.Tensor,
+        layers: list[int],
+        ordering: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The SARA alignment term of this forward, `sum over aligned layers l and sequences b of row_weights[b] *
+        JS(routing[b, l] || anchors[b, l])`, differentiable in the capture's mode.
+
+        ```python
+        with capture_routing(model, input_ids.shape, attention_mask, gradient="deferred") as capture:
+            sft_loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        weights = has_anchor.float() / has_anchor.sum().clamp(min=1) / len(layers)  # the mean over rows and layers
+        term, divergences = capture.alignment_term(anchors, has_anchor, weights, layers, ordering=sft_loss)
+        (sft_loss + 1.5 * term).backward()
+        ```
+
+        With `gradient="graph"` the term is built from the pooled routing's own graph. With `gradient="deferred"` its
+        value comes from the forward and its gradient reaches each router in the backward, where the router's scores
+        exist (see [`hf_sara.routing.deferred`]): the same gradients under no, non-reentrant and reentrant
+        checkpointing. Anchors are targets: no gradient flows into them.
+
+        Args:
+            anchor_distributions (`torch.Tensor` of shape `[sequences, captured layers, experts]`):
+                The anchors' routing; rows without an anchor may hold anything.
+            has_anchor (`torch.Tensor` of shape `[sequences]`):
+                Which rows have an anchor.
+            row_weights (`torch.Tensor` of shape `[sequences]`):
+                Each row's weight (0 for rows without an anchor): how the term is reduced.
+            layers (`list[int]`):
+                The aligned captured layers (resolved, see [`resolve_layers`]).
+            ordering (`torch.Tensor`, *optional*):
+                With `gradient="deferred"`, required: the loss the term is added to, built on this forward (e.g. the
+                SFT loss). The term's backward must run before the model's, and consuming it guarantees it.
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor]`: the term (a scalar), and the per-sequence, per-layer divergences
+            `[sequences, len(layers)]`, detached, for logging.
+        """
+        distributions = self.distributions()
+        divergences = alignment_divergences(distributions, anchor_distributions, has_anchor.float(), layers)
+        value = (divergences * row_weights[:, None]).sum()
+        if self.deferred is None:
+            return value, divergences.detach()
+        if ordering is None or ordering.grad_fn is None:
+            raise ValueError(
+                "A deferred alignment term needs `ordering`: the loss it is added to, built on this forward (its "
+                "backward must reach the term before the model)."
+            )
+        term = self.deferred.bind(anchor_distributions, has_anchor, row_weights, layers, value, ordering)
+        return term, divergences
+
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
@@ -158,6 +241,7 @@ def capture_routing(
     keep_scores: bool = False,
     sequence_ids: torch.Tensor | None = None,
     recompute_router_logits: bool | None = None,
+    gradient: str = "graph",
 ) -> Iterator[RoutingCapture]:
     """
     Opens a routing capture around one forward of a patched model.
@@ -194,6 +278,13 @@ def capture_routing(
             on (a checkpoint frees the router's input, which the recomputation would then keep alive) or an engine
             shards the weights (DeepSpeed ZeRO-3, FSDP: the router weight is gathered only for the router's own
             backward).
+        gradient (`str`, *optional*, defaults to `"graph"`):
+            How the routing is differentiable when gradients are enabled. `"graph"`: `capture.distributions()` is part
+            of the autograd graph, for any loss built from it (refused under reentrant gradient checkpointing, which
+            runs the forward without autograd). `"deferred"`: the routing is pooled without autograd and the gradient
+            of [`~RoutingCapture.alignment_term`] is added in the backward, where each router's scores exist: it works
+            under every checkpointing mode and keeps nothing per token between forward and backward when
+            checkpointing is on. `"none"`: no gradient (cheapest; what a no-grad forward gets anyway).
 
     Yields:
         [`RoutingCapture`]: whose `distributions()` is ready once the forward has run.
@@ -206,6 +297,8 @@ def capture_routing(
         )
     if state.active is not None:
         raise RuntimeError("A routing capture is already open on this model; captures cannot be nested.")
+    if gradient not in GRADIENT_MODES:
+        raise ValueError(f"`gradient` must be one of {GRADIENT_MODES}, got {gradient!r}.")
     device = next((t.device for t in (attention_mask, sequence_ids, position_ids) if t is not None), None)
     segments = token_segments(input_shape, attention_mask, position_ids, token_mask, device, sequence_ids)
     checkpointing = activation_checkpointing(model)
@@ -214,8 +307,17 @@ def capture_routing(
         # pooling's backward that the recomputation would need them in.
         recompute_router_logits = not checkpointing and not has_sharded_parameters(model)
     capture = RoutingCapture(
-        segments, len(state.captured_layers), state.captured_sites, keep_scores, recompute_router_logits, checkpointing
+        segments,
+        len(state.captured_layers),
+        state.captured_sites,
+        keep_scores,
+        recompute_router_logits,
+        checkpointing,
+        gradient,
     )
+    if capture.deferred is not None:
+        # Reached by the router hooks when the backward recomputes a layer (no capture is open then).
+        state.pending = [ref for ref in state.pending if ref() is not None] + [weakref.ref(capture.deferred)]
     state.active = capture
     try:
         yield capture

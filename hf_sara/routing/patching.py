@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Protocol
 
 import torch
@@ -24,7 +25,18 @@ class RoutingRecorder(Protocol):
 
     recompute_router_logits: bool
 
-    def record(self, layer: int, scores: torch.Tensor, site: RouterSite, router_input: RouterInput | None) -> None: ...
+    def record(
+        self, layer: int, scores: torch.Tensor, site: RouterSite, router_input: RouterInput | None, output: Any
+    ) -> Any: ...
+
+
+class RecomputationRecorder(Protocol):
+    """
+    What the router hooks hand the scores of a layer that the backward recomputes to: a forward's
+    [`~hf_sara.routing.deferred.DeferredAlignment`], while its backward may run.
+    """
+
+    def recomputed(self, layer: int, scores: torch.Tensor, output: Any, node: Any) -> Any: ...
 
 
 class RoutingState:
@@ -39,6 +51,24 @@ class RoutingState:
         self.sites = sites
         self.captured_layers = captured_layers
         self.active: RoutingRecorder | None = None
+        # Forwards whose alignment gradient is added in their backward (weak: they end with their graph).
+        self.pending: list[weakref.ref[RecomputationRecorder]] = []
+
+    def recomputed(self, layer: int, scores: torch.Tensor, output: Any) -> Any:
+        """
+        A router of captured layer `layer` ran with no capture open. Inside a backward that is a checkpointed layer's
+        recomputation: the first pending forward that claims it returns the output to go on with. Else `None`.
+        """
+        if not self.pending or torch._C._current_graph_task_id() == -1:
+            return None
+        node = torch._C._current_autograd_node()
+        for reference in reversed(self.pending):
+            recorder = reference()
+            if recorder is not None:
+                replaced = recorder.recomputed(layer, scores, output, node)
+                if replaced is not None:
+                    return replaced
+        return None
 
     @property
     def captured_sites(self) -> list[RouterSite]:
@@ -66,22 +96,26 @@ class RouterHook:
         self.site = site
         self.linear_router: bool | None = None  # whether the scores are `F.linear(input, weight, bias)`, checked once
 
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _scores(self, module: nn.Module, args: tuple, output: Any) -> torch.Tensor:
+        if self.site.output_index is None:
+            # Saves the input and weight the router saves already.
+            return F.linear(args[0], getattr(module, "weight", None), getattr(module, "bias", None))
+        return output if isinstance(output, torch.Tensor) else output[self.site.output_index]
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
         capture = self.state.active
-        if capture is None:  # no capture open: inference, generation, or a checkpoint's backward recomputation
-            return
+        if capture is None:
+            # Inference, generation, a forward nobody captures, or a checkpointed layer recomputed in the backward.
+            if not self.state.pending:
+                return None
+            return self.state.recomputed(self.layer, self._scores(module, args, output), output)
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         recompute = capture.recompute_router_logits and isinstance(weight, torch.Tensor) and weight.requires_grad
-        if self.site.output_index is None:
-            scores = F.linear(args[0], weight, bias)  # saves the input and weight the router saves already
-        elif isinstance(output, torch.Tensor):
-            scores = output
-        else:
-            scores = output[self.site.output_index]
+        scores = self._scores(module, args, output)
         if recompute and self.site.output_index is not None:
             recompute = self._is_linear_router(args[0], weight, bias, scores)
         router_input = (args[0], weight, bias if isinstance(bias, torch.Tensor) else None) if recompute else None
-        capture.record(self.layer, scores, self.site, router_input)
+        return capture.record(self.layer, scores, self.site, router_input, output)
 
     def _is_linear_router(self, router_input: Any, weight: torch.Tensor, bias: Any, scores: torch.Tensor) -> bool:
         """Whether the router's scores are exactly `F.linear` of its input (checked on the first capture)."""

@@ -15,7 +15,7 @@ from ..routing.pooling import POOLING_MODES
 from .paired_data import DEFAULT_ANCHOR_PREFIX
 
 ANCHOR_MODES = ("offline", "online")
-LOSS_REDUCTIONS = ("mean", "sum")
+LOSS_REDUCTIONS = ("mean", "step_mean", "sum")
 
 
 def _choice_field(choices: tuple[str, ...], help: str):

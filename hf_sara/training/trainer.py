@@ -19,11 +19,10 @@ from trl.data_utils import pack_dataset
 
 from ..files.checkpoints import complete_checkpoint
 from ..files.lock import directory_lock
-from ..routing.capture import capture_routing
+from ..routing.capture import activation_checkpointing, capture_routing
 from ..routing.layers import resolve_layers
-from ..routing.loss import alignment_divergences, masked_layer_mean
 from ..routing.patching import get_routing_state, patch_model
-from ..routing.pooling import pooling_token_mask
+from ..routing.pooling import pooling_token_mask, token_segments
 from .anchors import AnchorIdentity, AnchorTable, OfflineAnchors, default_anchor_path, open_offline_anchors
 from .anchors.identity import router_checksum
 from .collator import ANCHOR_KEY_PREFIX, ROW_IDS_KEY, AnchorStore, SARADataCollator
@@ -128,6 +127,7 @@ class SARATrainer(SFTTrainer):
         self._sara_anchor_tables: dict[str, AnchorTable] = {}  # by the store's dataset name, with their digests
         self._sara_prepared_examples: dict[str, Dataset] = {}  # by the store's dataset name
         self._sara_alignment_scale: float | None = None  # the factor of the last training step, for the model card
+        self._sara_step_rows: torch.Tensor | None = None  # "step_mean": the anchored sequences of the step
         # How many offline anchor rows this rank computed (0 when they were read from a file).
         self.anchor_rows_computed = 0
         self._sara_router_checksum: str | None = None  # of the model before training, identifies offline anchors
@@ -459,19 +459,79 @@ class SARATrainer(SFTTrainer):
 
     def _alignment_scale(self, mode: str, num_items_in_batch: Any) -> float:
         """
-        1 for `sara_loss_reduction="mean"`. For `"sum"`, the factor that turns the mean over the micro-batches and
-        processes of one optimizer step into their sum, as the authors' released code weighted its term: the
-        accumulation steps, times the processes when `Trainer.compute_loss` scales losses that models normalise
-        themselves (`average_tokens_across_devices` with a token count: `num_processes // tp_size`).
+        The factor of the alignment term, on top of its row weights ([`~SARATrainer._row_weights`]): 1 for
+        `sara_loss_reduction="mean"` and in evaluation. For `"sum"`, the factor that turns the mean over the
+        micro-batches and processes of one optimizer step into their sum, as the authors' released code weighted its
+        term: the accumulation steps, times the processes when `Trainer.compute_loss` scales losses that models
+        normalise themselves (`average_tokens_across_devices` with a token count: `num_processes // tp_size`). For
+        `"step_mean"`, whose row weights divide by the anchored rows of the whole step, the factor that undoes the
+        averaging over micro-batches and processes: the accumulation steps, times the processes when the rows were
+        counted across them.
         """
-        if self.args.sara_loss_reduction == "mean" or mode != "train":
+        reduction = self.args.sara_loss_reduction
+        if reduction == "mean" or mode != "train":
             return 1.0
         processes = 1
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+        if reduction == "step_mean" and self._sara_step_rows is not None:
+            counted_everywhere = self.args.average_tokens_across_devices and self.accelerator.num_processes > 1
+            processes = self.accelerator.num_processes // self.get_tp_size() if counted_everywhere else 1
+        elif reduction == "sum" and self.args.average_tokens_across_devices and num_items_in_batch is not None:
             processes = self.accelerator.num_processes // self.get_tp_size()
-        return float(self.current_gradient_accumulation_steps * processes)
+        accumulation = self.current_gradient_accumulation_steps
+        if reduction == "step_mean" and self._sara_step_rows is None:
+            accumulation = 1  # outside the training loop's step: the micro-batch's own mean
+        return float(accumulation * processes)
 
-    def _forward_anchors(self, model: nn.Module, anchor_inputs: dict[str, Any], with_sft: bool):
+    def _row_weights(self, mode: str, has_anchor: torch.Tensor) -> torch.Tensor:
+        """
+        Each sequence's weight in the alignment term, which sums them times the per-layer JS: the mean over the
+        aligned layers and the anchored rows of the micro-batch (`"mean"`, `"sum"`, evaluation) or of the whole
+        optimizer step, every accumulation step and process counted (`"step_mean"`).
+        """
+        anchored = has_anchor.float()
+        if mode == "train" and self.args.sara_loss_reduction == "step_mean" and self._sara_step_rows is not None:
+            rows = self._sara_step_rows.to(anchored.device)
+        else:
+            rows = anchored.sum()
+        return anchored / (rows.clamp(min=1) * len(self._sara_layer_indices))
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.sara_loss_reduction == "step_mean":
+            # The anchored sequences of the whole optimizer step, as `Trainer` counts its tokens for
+            # `num_items_in_batch`: the row weights of "step_mean" divide by them.
+            self._sara_step_rows = self._anchored_sequences(batch_samples, device)
+        return batch_samples, num_items_in_batch
+
+    def _anchored_sequences(self, batch_samples: list[dict[str, Any]], device) -> torch.Tensor:
+        """How many sequences of `batch_samples` have an anchor (summed over the processes when tokens are)."""
+        store = self._sara_store
+        cached = getattr(self, "_sara_anchored_cache", None)
+        if cached is None or cached.shape[0] != store.num_rows + 1:
+            cached = torch.tensor([store.has_anchor(row) for row in range(store.num_rows)] + [False])
+            self._sara_anchored_cache = cached
+        count = 0
+        for batch in batch_samples:
+            row_ids = batch[ROW_IDS_KEY]
+            token_mask = pooling_token_mask(batch.get("labels"), self.args.sara_pooling)
+            segments = token_segments(
+                row_ids.shape, batch.get("attention_mask"), token_mask=token_mask, sequence_ids=row_ids
+            )
+            count += int(cached[segments.sequence_of_segment].sum())
+        count = torch.tensor(float(count), device=device)
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count[None]).sum()
+        return count
+
+    def _gradient_mode(self, model: nn.Module, weight: float) -> str:
+        """How the alignment term reaches the model: see `capture_routing`'s `gradient`."""
+        if not (self.model.training and torch.is_grad_enabled()) or weight == 0:
+            return "none"
+        # Gradient checkpointing (any mode, TRL's forced reentrant one included): the gradient is added where the
+        # backward recomputes each router, keeping nothing per token between forward and backward.
+        return "deferred" if activation_checkpointing(model) else "graph"
+
+    def _forward_anchors(self, model: nn.Module, anchor_inputs: dict[str, Any], with_sft: bool, gradient: str):
         """Routing of the batch's anchors (detached), their row ids, and their SFT loss when `with_sft`."""
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # the anchors' gradients (if any) reach the parameters in the same backward
@@ -482,8 +542,11 @@ class SARATrainer(SFTTrainer):
         attention_mask = anchor_inputs.get("attention_mask")
         sft_loss = None
         if with_sft:
+            # Their routing is a target only; under checkpointing their capture is deferred as well (without a term),
+            # so that every forward of the step passes its routers through the same node.
+            gradient = "deferred" if gradient == "deferred" else "none"
             with capture_routing(
-                model, shape, attention_mask, token_mask=token_mask, sequence_ids=sequence_ids
+                model, shape, attention_mask, token_mask=token_mask, sequence_ids=sequence_ids, gradient=gradient
             ) as cap:
                 outputs = model(**anchor_inputs, use_cache=False, fused_lm_head=True)
             sft_loss = -outputs.log_probs.sum() / outputs.label_mask.sum().clamp(min=1)
@@ -496,12 +559,16 @@ class SARATrainer(SFTTrainer):
                     model(**inputs, use_cache=False, logits_to_keep=1)
         return cap.distributions().detach(), cap.segments.sequence_of_segment, sft_loss
 
-    def _anchor_targets(self, model, rows: torch.Tensor, anchor_inputs: dict[str, Any], shape: tuple[int, ...]):
+    def _anchor_targets(
+        self, model, rows: torch.Tensor, anchor_inputs: dict[str, Any], shape: tuple[int, ...], gradient: str
+    ):
         """Anchor distributions and mask for the batch's sequences (`rows`), and the anchors' SFT loss if asked."""
         with_sft = self.args.anchor_sft_weight > 0 and self.model.training
         anchor_distributions = anchor_rows = sft_loss = None
         if anchor_inputs:
-            anchor_distributions, anchor_rows, sft_loss = self._forward_anchors(model, anchor_inputs, with_sft)
+            anchor_distributions, anchor_rows, sft_loss = self._forward_anchors(
+                model, anchor_inputs, with_sft, gradient
+            )
         if self.args.sara_anchor_mode == "offline":
             # Only the batch's rows are read from the memory-mapped file (the table can hold millions of rows).
             targets, has_anchor = self.offline_anchors.lookup(rows, shape)
@@ -521,33 +588,39 @@ class SARATrainer(SFTTrainer):
         for key in [key for key in inputs if key.startswith(ANCHOR_KEY_PREFIX)]:
             anchor_inputs[key[len(ANCHOR_KEY_PREFIX) :]] = inputs.pop(key)
         token_mask = pooling_token_mask(inputs.get("labels"), self.args.sara_pooling)
+        weight = self.current_sara_weight() if mode == "train" else self.args.sara_weight
+        gradient = self._gradient_mode(model, weight)
 
         # One forward: SFTTrainer's loss (aux load-balancing loss and metrics included) and the examples' routing.
         shape = inputs["input_ids"].shape
         with capture_routing(
-            model, shape, inputs.get("attention_mask"), token_mask=token_mask, sequence_ids=sequence_ids
+            model,
+            shape,
+            inputs.get("attention_mask"),
+            token_mask=token_mask,
+            sequence_ids=sequence_ids,
+            gradient=gradient,
         ) as capture:
             loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
-        distributions = capture.distributions()
         rows = capture.segments.sequence_of_segment
+        shape = capture.distributions().shape
 
-        anchors, has_anchor, anchor_sft_loss = self._anchor_targets(model, rows, anchor_inputs, distributions.shape)
+        anchors, has_anchor, anchor_sft_loss = self._anchor_targets(model, rows, anchor_inputs, shape, gradient)
         # The anchors are distributions by construction (the capture's, or checked where the offline file is read).
-        anchored = has_anchor.float()
-        divergences = alignment_divergences(distributions, anchors, anchored, self._sara_layer_indices)
-        alignment_loss, _ = masked_layer_mean(divergences, anchored)
-        weight = self.current_sara_weight() if mode == "train" else self.args.sara_weight
+        alignment_loss, divergences = capture.alignment_term(
+            anchors, has_anchor, self._row_weights(mode, has_anchor), self._sara_layer_indices, ordering=loss
+        )
         scale = self._alignment_scale(mode, num_items_in_batch)
         if mode == "train":
             self._sara_alignment_scale = scale
         extra = weight * scale * alignment_loss
         if anchor_sft_loss is not None:
             extra = extra + self.args.anchor_sft_weight * anchor_sft_loss
-        # Like SFTTrainer's aux loss: a per-micro-batch mean, averaged over the accumulation steps when `Trainer`
+        # Like SFTTrainer's aux loss: a per-micro-batch quantity, averaged over the accumulation steps when `Trainer`
         # leaves gradient accumulation to the loss (it does when `num_items_in_batch` is given).
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None and mode == "train" else 1
         loss = loss + extra / steps
-        self._log_sara(mode, divergences.detach(), anchored, rows, weight, anchor_sft_loss)
+        self._log_sara(mode, divergences, has_anchor.float(), rows, weight, anchor_sft_loss)
 
         if return_outputs:
             with torch.no_grad():

@@ -3,8 +3,9 @@ CPU with gloo): full fine-tuning of a saved tiny MoE with SARA, as `hf-sara trai
 after the training arguments, so ZeRO-3 partitions it at load). Each rank writes what it logged, the full router
 weights after training and how many anchor rows it computed to `<output_dir>/rank<N>.json`.
 
-Usage: distributed_train.py OUTPUT_DIR MODEL_DIR ANCHORS [--anchors-only] [--gradient-checkpointing]
+Usage: distributed_train.py OUTPUT_DIR MODEL_DIR ANCHORS [--anchors-only] [--gradient-checkpointing] [--lora DIR]
 ANCHORS: "trainer" (offline, computed by the trainer), "online", or the path of precomputed offline anchors.
+With `--lora DIR` the saved LoRA adapter DIR is trained on the model (and its weights are what the rank writes).
 """
 
 import argparse
@@ -51,6 +52,10 @@ def main() -> None:
     parser.add_argument("--loss-reduction", default="mean", help="sara_loss_reduction")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--linear-update", action="store_true", help="no clipping, constant rate: updates add up")
+    parser.add_argument("--lora", help="a saved LoRA adapter to train on the model")
+    parser.add_argument("--reentrant", action="store_true", help="reentrant gradient checkpointing")
+    parser.add_argument("--without-anchors", default="", help="comma-separated rows whose anchor is removed")
+    parser.add_argument("--batch-size", type=int, default=2, help="per_device_train_batch_size")
     options = parser.parse_args()
     if os.environ.get("ACCELERATE_USE_FSDP", "false") == "true":
         open_the_fsdp_gate_on_cpu()
@@ -60,13 +65,13 @@ def main() -> None:
     from hf_sara import SARATrainer, patch_model
     from hf_sara.distributed import full_parameters
     from hf_sara.routing.patching import get_routing_state
-    from tests.testing_utils import distributed_config, load_pairs, pairs_tokenizer
+    from tests.testing_utils import distributed_config, load_pairs, pairs_tokenizer, without_anchors
 
     offline = options.anchors != "online"
     args = distributed_config(
         options.output_dir,
         max_steps=options.max_steps,
-        per_device_train_batch_size=2,
+        per_device_train_batch_size=options.batch_size,
         sara_anchor_mode="offline" if offline else "online",
         sara_anchor_path=None if options.anchors in ("trainer", "online") else options.anchors,
         gradient_checkpointing=options.gradient_checkpointing,
@@ -77,11 +82,17 @@ def main() -> None:
         sara_loss_reduction=options.loss_reduction,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         **(dict(max_grad_norm=0.0, lr_scheduler_type="constant") if options.linear_update else {}),
+        **(dict(gradient_checkpointing_kwargs={"use_reentrant": True}) if options.reentrant else {}),
     )
     model = AutoModelForCausalLM.from_pretrained(options.model_dir)  # after the arguments, as `hf-sara train` does
-    trainer = SARATrainer(
-        model=patch_model(model), args=args, train_dataset=load_pairs(), processing_class=pairs_tokenizer()
-    )
+    if options.lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, options.lora, is_trainable=True)
+    rows = [int(row) for row in options.without_anchors.split(",") if row]
+    dataset = without_anchors(load_pairs(), rows) if rows else load_pairs()
+    tokenizer = pairs_tokenizer()
+    trainer = SARATrainer(model=patch_model(model), args=args, train_dataset=dataset, processing_class=tokenizer)
     if options.anchors_only:
         trainer.prepare_offline_anchors()
     else:
@@ -92,7 +103,15 @@ def main() -> None:
         if "sara/js" in entry
     ]
     state = get_routing_state(trainer.model)
-    routers = {site.name: trainer.model.get_submodule(site.name).weight for site in state.captured_sites}
+    if options.lora:  # the adapter's weights on the routers (a LoRA pair each)
+        routers = {
+            name: parameter
+            for site in state.captured_sites
+            for name, parameter in trainer.model.get_submodule(site.name).named_parameters(prefix=site.name)
+            if "lora_" in name
+        }
+    else:
+        routers = {site.name: trainer.model.get_submodule(site.name).weight for site in state.captured_sites}
     with full_parameters(list(routers.values())) as values:
         weights = {name: value.float().cpu().tolist() for name, value in zip(routers, values, strict=True)}
     result = {
@@ -102,6 +121,7 @@ def main() -> None:
         "logged": logged,
         "router_weights": weights,
         "anchor_rows_computed": trainer.anchor_rows_computed,
+        "gradient_checkpointing_kwargs": trainer.args.gradient_checkpointing_kwargs,
     }
     with open(os.path.join(options.output_dir, f"rank{trainer.accelerator.process_index}.json"), "w") as handle:
         json.dump(result, handle)
