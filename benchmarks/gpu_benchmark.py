@@ -207,7 +207,7 @@ TINY = Sizes(
 # Seconds kept back (real sizes) for the sections that come later, estimated from the FLOPs and launches of each
 # (see benchmarks/README_GPU.md); the optional sections are sized from the step times measured first.
 RESERVE_S = {"anchors": 20.0, "callback": 10.0, "matrix": 60.0}
-COMPILE_LIMIT_S = 150.0  # the compile child's own limit (it overlaps the matrix)
+COMPILED_LIMIT_S = 150.0  # the child process of the `COMPILED` rows: its own limit (it overlaps the matrix)
 
 
 @dataclass(frozen=True)
@@ -228,9 +228,13 @@ MATRIX = [
     MatrixRow("experts_deepgemm", "`experts_implementation='deepgemm'`", experts="deepgemm", needs_cuda=True),
     MatrixRow("experts_sonicmoe", "`experts_implementation='sonicmoe'`", experts="sonicmoe", needs_cuda=True),
     MatrixRow("padding_free", "`padding_free=True`", args={"padding_free": True}),
-    MatrixRow("liger", "`use_liger_kernel=True`", args={"use_liger_kernel": True}, needs_cuda=True),
 ]
-COMPILE_ROW = MatrixRow("torch_compile", "`torch_compile=True`", args={"torch_compile": True})
+# Rows whose kernels are compiled at first use (Triton JIT and autotuning, inductor): run in a child process with its
+# own time limit, beside the matrix, each against the child's own plain row.
+COMPILED = [
+    MatrixRow("liger", "`use_liger_kernel=True`", args={"use_liger_kernel": True}, needs_cuda=True),
+    MatrixRow("torch_compile", "`torch_compile=True`", args={"torch_compile": True}),
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -963,44 +967,57 @@ def public_row(row: dict) -> dict:
     return {key: value for key, value in row.items() if not isinstance(value, torch.Tensor)}
 
 
-def compile_worker(options) -> None:
-    """Child process: the plain row and the compile row; prints the compile row as JSON on its last line."""
+ROW_PREFIX = "MATRIX_ROW "
+
+
+def compiled_worker(options) -> None:
+    """Child process: the plain row, then the `COMPILED` rows; prints each row as JSON when it is done."""
     bench = Bench(options, None)
     reference = matrix_row(bench, MATRIX[0], None)
-    row = matrix_row(bench, COMPILE_ROW, reference)
-    print("COMPILE_ROW " + json.dumps(public_row(row), default=str), flush=True)
+    for row in COMPILED:
+        result = matrix_row(bench, row, reference)
+        print(ROW_PREFIX + json.dumps({row.name: public_row(result)}, default=str), flush=True)
 
 
-class CompileChild:
-    """The compile row in a child process: started early (compilation is CPU work that overlaps the matrix's GPU
-    work), collected later, killed at its time limit. Its own plain row is its reference."""
+class CompiledChild:
+    """The `COMPILED` rows in a child process: started early (their compilation is CPU work that overlaps the
+    matrix's GPU work), collected later, killed at its time limit (rows finished by then are kept)."""
 
     def __init__(self, bench: Bench, limit: float):
-        command = [sys.executable, os.path.abspath(__file__), "--compile-worker"] + (["--tiny"] if bench.tiny else [])
+        command = [sys.executable, os.path.abspath(__file__), "--compiled-worker"] + (["--tiny"] if bench.tiny else [])
         self.limit = limit
         self.start = time.monotonic()
-        self.log = open(os.path.join(bench.work, "compile_child.log"), "w+", encoding="utf-8")  # noqa: SIM115
+        self.log = open(os.path.join(bench.work, "compiled_child.log"), "w+", encoding="utf-8")  # noqa: SIM115
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, text=True)
 
-    def result(self) -> dict:
+    def result(self) -> dict[str, dict]:
+        timed_out = False
         try:
             self.process.wait(timeout=max(1.0, self.limit - (time.monotonic() - self.start)))
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            detail = f"did not finish within its {self.limit:.0f} s limit (compilation included)"
-            return {"status": "failed", "what": COMPILE_ROW.what, "detail": detail}
-        finally:
-            self.log.seek(0)
-            output = self.log.read()
-            self.log.close()
-        for line in reversed(output.splitlines()):
-            if line.startswith("COMPILE_ROW "):
-                row = json.loads(line[len("COMPILE_ROW ") :])
-                row["process_seconds"] = time.monotonic() - self.start
-                return row
-        return {"status": "failed", "what": COMPILE_ROW.what,
-                "detail": f"child exited {self.process.returncode}: {output[-1500:]}"}  # fmt: skip
+            timed_out = True
+        self.log.seek(0)
+        output = self.log.read()
+        self.log.close()
+        rows: dict[str, dict] = {}
+        for line in output.splitlines():
+            if line.startswith(ROW_PREFIX):
+                rows.update(json.loads(line[len(ROW_PREFIX) :]))
+        missing = [row for row in COMPILED if row.name not in rows]
+        for index, row in enumerate(missing):
+            if not timed_out:
+                status, detail = "failed", f"the child exited {self.process.returncode}: {output[-1500:]}"
+            elif index == 0:
+                status, detail = (
+                    "failed",
+                    f"did not finish within the child's {self.limit:.0f} s (compilation included)",
+                )
+            else:
+                status, detail = "not run", "the child's time ran out before it"
+            rows[row.name] = {"status": status, "what": row.what, "detail": detail}
+        return {row.name: rows[row.name] for row in COMPILED}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1064,14 +1081,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--skip-phi", action="store_true")
     parser.add_argument("--repeats", type=int, default=None, help="measured repeats of the Qwen3 step section")
     parser.add_argument("--summary", metavar="JSON", help="print the short table of a results file and exit")
-    parser.add_argument("--compile-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compiled-worker", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.summary:
         with open(options.summary, encoding="utf-8") as handle:
             print_summary(json.load(handle))
         return None
     if options.budget_seconds is None:
-        options.budget_seconds = 1e9 if options.tiny else 300.0
+        options.budget_seconds = math.inf if options.tiny else 300.0
     if not options.tiny and not cuda():
         raise SystemExit(
             "benchmarks/gpu_benchmark.py needs a CUDA GPU for the real sizes (Qwen3-30B-A3B is 61 GB in bf16). Run "
@@ -1084,8 +1101,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if options.skip_phi and "phi" in sections:
         sections.remove("phi")
     quiet()
-    if options.compile_worker:
-        compile_worker(options)
+    if options.compiled_worker:
+        compiled_worker(options)
         return None
 
     arguments = sys.argv[1:] if argv is None else argv
@@ -1103,7 +1120,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     return report.data
 
 
-SECTIONS = ("step", "anchors", "callback", "step_long", "matrix", "compile", "phi")
+SECTIONS = ("step", "anchors", "callback", "step_long", "matrix", "compiled", "phi")
 
 
 def run(bench: Bench, report: Report, sections: list[str]) -> None:
@@ -1143,7 +1160,7 @@ def run(bench: Bench, report: Report, sections: list[str]) -> None:
             estimate = estimate_step_section(step_result, 1.15, sizes.long_repeats, 1 + sizes.steps)
             phi = estimate_phi(report, step_result, sizes) if "phi" in sections else 0.0
             left = budget.left() - reserve("matrix") - phi
-            if not tiny and estimate > left:
+            if estimate > left:
                 report.skip("step_long", title, f"budget: estimated {estimate:.0f} s, {left:.0f} s left after the "
                             "matrix's and Phi-3.5-MoE's share")  # fmt: skip
             else:
@@ -1156,13 +1173,13 @@ def run(bench: Bench, report: Report, sections: list[str]) -> None:
         report.data["freed_" + qwen.model_type] = free_model(references)
 
     child = None
-    if "compile" in sections:
-        limit = COMPILE_LIMIT_S if not tiny else 1e4
-        limit = min(limit, budget.left() - 10) if not tiny else limit
+    compiled_title = "Kernel compatibility: kernels compiled at first use (child process)"
+    if "compiled" in sections:
+        limit = min(1e4 if tiny else COMPILED_LIMIT_S, budget.left() - 10)
         if limit < 30:
-            report.skip("compile", "Kernel compatibility: `torch_compile=True`", f"budget: {budget.left():.0f} s left")
+            report.skip("compiled", compiled_title, f"budget: {budget.left():.0f} s left")
         else:
-            child = CompileChild(bench, limit)
+            child = CompiledChild(bench, limit)
     cuda_lost = None
     if "matrix" in sections:
         rows: dict[str, dict] = {}
@@ -1181,10 +1198,8 @@ def run(bench: Bench, report: Report, sections: list[str]) -> None:
         lines = matrix_lines(rows, sizes.matrix_layers)
         report.section("matrix", {name: public_row(row) for name, row in rows.items()}, lines)
     if child is not None:
-        row = child.result()
-        title = "Kernel compatibility: `torch_compile=True`"
-        report.section("compile", {"torch_compile": row}, matrix_lines({"torch_compile": row}, sizes.matrix_layers,
-                                                                        title))  # fmt: skip
+        rows = child.result()
+        report.section("compiled", rows, matrix_lines(rows, sizes.matrix_layers, compiled_title))
 
     if "phi" in sections:
         title = f"Training step: {PHI_35_MOE.name}, sequence {sizes.seq}"
@@ -1193,7 +1208,7 @@ def run(bench: Bench, report: Report, sections: list[str]) -> None:
         reason = cuda_lost
         if still > 20 * 2**30:
             reason = f"{still / 2**30:.1f} GiB are still allocated (the Qwen3 model was not freed)"
-        elif not tiny and estimate > left:
+        elif estimate > left:
             reason = f"budget: estimated {estimate:.0f} s, {left:.0f} s left"
         if reason:
             report.skip("phi", title, reason)
@@ -1257,7 +1272,7 @@ def print_summary(data: dict) -> None:
         lines.append(
             f"callback: {result['seconds_per_100_pairs']:.3f} s per 100 pairs ({result['x_sft_step']:.2f} SFT steps)"
         )
-    for key in ("matrix", "compile"):
+    for key in ("matrix", "compiled"):
         for name, row in sections.get(key, {}).items():
             lines.append(f"matrix {name:20s} {row['status']:9s} {row.get('detail', '')[:90]}")
     for key in ("step", "step_long", "anchors") if data.get("mode") == "real" else ():
