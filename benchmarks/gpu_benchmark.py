@@ -987,7 +987,8 @@ class CompiledChild:
         command = [sys.executable, os.path.abspath(__file__), "--compiled-worker"] + (["--tiny"] if bench.tiny else [])
         self.limit = limit
         self.start = time.monotonic()
-        self.log = open(os.path.join(bench.work, "compiled_child.log"), "w+", encoding="utf-8")  # noqa: SIM115
+        path = os.path.join(bench.options.output_dir, "compiled_child.log")  # kept beside the results
+        self.log = open(path, "w+", encoding="utf-8")  # noqa: SIM115
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, text=True)
 
     def result(self) -> dict[str, dict]:
