@@ -1,39 +1,41 @@
 """What SARA costs at real model sizes on a GPU, and whether it works with the kernels practitioners train with.
 
     python benchmarks/gpu_benchmark.py --output-dir OUT          # real sizes, one CUDA GPU, about 5 minutes (H200)
-    python benchmarks/gpu_benchmark.py --tiny --output-dir OUT   # the same code path at tiny sizes, CPU, no download
-    python benchmarks/gpu_benchmark.py --summary OUT/RESULTS_GPU.json   # prints the short table of a (partial) run
+    python benchmarks/gpu_benchmark.py --tiny --output-dir OUT   # the same code path at tiny sizes, CPU, seconds
+    python benchmarks/gpu_benchmark.py --summary OUT/RESULTS_GPU.json   # the short table of a (partial) run
 
-The models are built from their published configuration values with random weights (bf16, directly on the device:
-nothing is downloaded): Qwen3-30B-A3B (48 layers, 128 experts, top-8, hidden 2048, moe_intermediate_size 768,
-32 heads / 4 KV heads, head_dim 128, vocab 151936) and Phi-3.5-MoE (32 layers, 16 experts, top-2, hidden 4096,
+The models are built from their published configuration values with random weights, bf16, directly on the GPU
+(nothing is downloaded): Qwen3-30B-A3B (48 layers, 128 experts, top-8, hidden 2048, moe_intermediate_size 768, 32
+heads / 4 KV heads, head_dim 128, vocab 151936) and Phi-3.5-MoE (32 layers, 16 experts, top-2, hidden 4096,
 intermediate 6400, vocab 32064). LoRA on attention (q, k, v, o) and on the routers (`router_weight_names`), gradient
-checkpointing (non-reentrant), bf16, synthetic token batches (random ids; `--tiny`: the demo pairs' tokens). `--tiny`
-builds a tiny Qwen3-MoE and a tiny PhiMoE from `hf_sara.testing` instead; every other line of code is the same.
+checkpointing (non-reentrant), bf16, random token ids. `--tiny` builds a tiny Qwen3-MoE and a tiny PhiMoE with
+`hf_sara.testing` instead (fp32, the demo pairs' tokens); every other line of code is the same.
 
-Sections, in this order; each is appended to OUT/RESULTS_GPU.md and OUT/RESULTS_GPU.json when it ends (so a run that
-is stopped keeps what it measured), and `--budget-seconds` skips the optional ones (marked *) that would not fit:
+Sections, in this order. Each is appended to OUT/RESULTS_GPU.md and OUT/RESULTS_GPU.json as soon as it ends (a run
+that is stopped keeps what it measured); `--budget-seconds` skips the optional ones (*) that would not fit, and says
+so in both files.
 
-- `step`: one training step of TRL's `SFTTrainer`, `SARATrainer` with offline anchors and with online anchors, on
-  one shared LoRA model, the same batches. Each variant runs `trainer.train()` with `max_steps = 1 + --steps`; the
-  variants take turns (order reversed every repeat), the first call of each is a warm-up. Step time: between two
-  consecutive `on_step_end` callbacks (CUDA synchronised), i.e. everything the training loop does per optimizer
-  step (batch collation, forward, loss, backward, clipping, optimizer, scheduler); the first step of each call is
-  left out. Reported: median step time, its ratio to SFT, the spread of the per-repeat ratios, and
-  `torch.cuda.max_memory_allocated` over each call.
+- `step`: a training step of TRL's `SFTTrainer`, of `SARATrainer` with offline anchors and with online anchors, on
+  one shared LoRA model and the same batches. Each variant runs `trainer.train()` (`max_steps = 1 + steps`); the
+  variants take turns, order reversed every repeat, after a one-step warm-up each. Step time: between consecutive
+  `on_step_end` callbacks (CUDA synchronised), i.e. all the training loop does per optimizer step (collation,
+  forward, loss, backward, clipping, optimizer, scheduler), the first step of each call left out. Reported: median
+  step, its ratio to SFT, the min-max of the per-repeat ratios, `torch.cuda.max_memory_allocated` per call.
 - `anchors`: the offline anchor pass (`compute_anchor_distributions`, the forward the trainer runs) against a plain
-  no-grad forward of the same batches (same collator), interleaved; rows/s and tokens/s.
-- `callback`: one `RoutingDivergenceCallback.measure()` per 100 pairs, against the SFT step.
-- `step_long`*: `step` at twice the sequence length, half the micro-batch.
-- `matrix`: kernel compatibility on a depth-reduced copy (4 layers) of Qwen3-30B-A3B's dimensions: each row is a
-  fresh model (same seed, so the same weights) trained for `--matrix-steps` steps with learning rate 0 by
-  `SARATrainer` (offline anchors, all layers aligned), compared with the plain row (sdpa, grouped_mm, padded
-  batches): the first step's `sara/js` and loss, the offline anchors, `routing_distributions` of one batch, and
-  that every router's LoRA received a finite, non-zero gradient.
-- `phi`*: `step` on Phi-3.5-MoE (the load-balancing loss off: TRL 1.16's fused LM head reads `config.num_experts`,
+  no-grad forward of the same batches and collator, interleaved: rows/s, tokens/s.
+- `callback`: one `RoutingDivergenceCallback.measure()`, per 100 pairs and against the SFT step.
+- `step_long`*: `step` at twice the sequence length and half the micro-batch (sized from `step`).
+- `matrix`: kernel compatibility on a depth-reduced copy (4 layers) of Qwen3-30B-A3B's dimensions: each row builds a
+  fresh model (same seed, same weights) with its kernels, trains it `matrix_steps` steps at learning rate 0 with
+  `SARATrainer` (offline anchors, every layer aligned) and is compared with the plain row (sdpa, grouped_mm, padded
+  batches): the first step's `sara/js` and loss, the offline anchors, `routing_distributions` of a batch, and a
+  finite, non-zero gradient in every router's LoRA. A row that raises is recorded (`refused` when hf_sara raised,
+  `failed` otherwise) and the matrix goes on.
+- `compiled`: the rows whose kernels compile at first use (`use_liger_kernel=True`: Triton; `torch_compile=True`:
+  inductor), in a child process started when `matrix` starts (its compilation overlaps the matrix's GPU work), with
+  its own plain row as reference and its own time limit.
+- `phi`*: `step` on Phi-3.5-MoE, load-balancing loss off (TRL 1.16's fused LM head reads `config.num_experts`,
   which PhiMoE calls `num_local_experts`).
-- `compile`*: the matrix row `torch_compile=True`, in a child process with its own time limit (compilation time is
-  hard to predict).
 """
 
 from __future__ import annotations
@@ -257,7 +259,7 @@ def now() -> float:
 
 
 def gib(value: float | None) -> str:
-    return "n/a (no CUDA)" if value is None else f"{value / 2**30:.2f}"
+    return "n/a" if value is None else f"{value / 2**30:.2f}"
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -512,10 +514,11 @@ def step_section(bench: Bench, model, arch: Architecture, seq: int, batch: int, 
     anchor_seconds = now() - start
 
     calls: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
-    warmup_start = now()
-    for variant in VARIANTS:  # warm-up repeat, not counted
+    for variant in VARIANTS:  # warm-up: one step of each (kernels loaded, allocator warm), not counted
+        trainers[variant].args.max_steps = 1
         run_call(trainers[variant], timers[variant])
-    repeat_seconds = now() - warmup_start
+        trainers[variant].args.max_steps = max_steps
+    repeat_seconds = 0.0
     done = 0
     for repeat in range(repeats):
         if done >= 2 and bench.budget.elapsed() + repeat_seconds > deadline:
@@ -552,8 +555,16 @@ def step_section(bench: Bench, model, arch: Architecture, seq: int, batch: int, 
             "peak_bytes": peak[variant], "peak_bytes_per_repeat": peaks[variant], "peak_delta_bytes": memory_delta,
             "peak_delta_fraction": None if memory_delta is None else memory_delta / peak["sft"],
             "tokens_per_s": seq * batch / medians[variant],
+            # what the last timed step logged: the SARA runs computed their loss (a finite, non-zero divergence)
+            "last_log": {key: value for key, value in last_step_log(trainers[variant]).items()
+                         if key in ("loss", "aux_loss", "sara/js", "sara/weight")},
         }  # fmt: skip
     return result, trainers
+
+
+def last_step_log(trainer) -> dict:
+    """The last per-step log of the trainer's last `train()` call (not its closing summary)."""
+    return next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
 
 
 def step_lines(title: str, result: dict, targets: bool) -> list[str]:
@@ -564,12 +575,14 @@ def step_lines(title: str, result: dict, targets: bool) -> list[str]:
         f"{result['architecture']}, micro-batch {result['batch']} x {result['seq']} tokens, LoRA (attention + "
         f"routers), gradient checkpointing, {result['dtype']}, load-balancing loss "
         f"{'on' if result['aux_loss'] else 'off'}. "
-        f"{result['repeats']} repeats after a warm-up, each `train()` call {result['steps_per_call']} steps (the "
-        f"first left out): {result['measured_steps_per_variant']} steps per variant. Ratio spread: min-max of the "
-        "per-repeat ratios (each repeat's median step over the same repeat's SFT median).",
+        f"The variants take turns (order reversed every repeat): a one-step `train()` each as warm-up, then "
+        f"{result['repeats']} repeats of one `train()` call each of {result['steps_per_call']} steps, the first "
+        f"left out: {result['measured_steps_per_variant']} steps per variant. Step: between consecutive "
+        "`on_step_end` callbacks, CUDA synchronised. Ratio spread: min-max of the per-repeat ratios (each repeat's "
+        "median step over the same repeat's SFT median). Peak: `torch.cuda.max_memory_allocated` over a call, "
+        "median over the repeats.",
         "",
-        "| variant | step ms (median) | / SFT | per-repeat ratio min-max | tokens/s | peak GiB "
-        "(`max_memory_allocated`) | peak vs SFT |",
+        "| variant | step ms (median) | / SFT | per-repeat ratio min-max | tokens/s | peak GiB | peak vs SFT |",
         "|---|---|---|---|---|---|---|",
     ]
     for variant, values in variants.items():
@@ -582,7 +595,9 @@ def step_lines(title: str, result: dict, targets: bool) -> list[str]:
     rows_per_s = result["anchor_pass_rows"] / result["anchor_pass_seconds"]
     lines += [
         "",
-        f"Model weights and LoRA states allocated: {gib(result['weights_bytes'])} GiB. The trainer's one-off offline "
+        f"Allocated between steps (weights, LoRA and optimizer states): {gib(result['weights_bytes'])} GiB"
+        + (f"; model built in {result['build_seconds']:.1f} s" if "build_seconds" in result else "")
+        + ". The trainer's one-off offline "
         f"anchor pass (`prepare_offline_anchors()`, {result['anchor_pass_rows']} rows, file written): "
         f"{result['anchor_pass_seconds']:.2f} s ({rows_per_s:.1f} rows/s).",
     ]
@@ -731,6 +746,7 @@ def callback_section(bench: Bench, trainer, arch: Architecture, sft_step_s: floa
         {"input_ids": examples, "anchor_input_ids": anchors, "language": ["xx"] * sizes.callback_pairs}
     )
     callback = RoutingDivergenceCallback(trainer, pairs, batch_size=sizes.callback_batch, plot=False)
+    router_logits = bool(getattr(trainer.model.config.get_text_config(), "output_router_logits", False))
     times = []
     for repeat in range(1 + sizes.callback_repeats):
         start = now()
@@ -744,7 +760,7 @@ def callback_section(bench: Bench, trainer, arch: Architecture, sft_step_s: floa
         "max_length": max(lengths), "batch": sizes.callback_batch, "repeats": sizes.callback_repeats,
         "seconds": median, "all_seconds": times, "seconds_per_100_pairs": median * 100 / sizes.callback_pairs,
         "x_sft_step": median * 100 / sizes.callback_pairs / sft_step_s, "sft_step_s": sft_step_s,
-        "js": {language: float(value) for language, value in js.items()},
+        "js": {language: float(value) for language, value in js.items()}, "output_router_logits": router_logits,
     }  # fmt: skip
 
 
@@ -753,8 +769,9 @@ def callback_lines(result: dict) -> list[str]:
         "## Routing divergence callback",
         "",
         f"`RoutingDivergenceCallback.measure()` on {result['pairs']} pairs ({result['min_length']}-"
-        f"{result['max_length']} tokens per side, {result['tokens']} tokens in all), batch {result['batch']}, the "
-        f"trainer's model with the config it trains with, median of {result['repeats']} after a warm-up.",
+        f"{result['max_length']} tokens per side, {result['tokens']} tokens in all), batch {result['batch']}, on the "
+        f"SARA trainer's model as it trains (`output_router_logits={result['output_router_logits']}`), median of "
+        f"{result['repeats']} after a warm-up; against the SFT step above.",
         "",
         "| seconds per measurement | seconds per 100 pairs | per 100 pairs / SFT step |",
         "|---|---|---|",
@@ -1060,10 +1077,12 @@ def header_lines(options, command: str, info: dict) -> list[str]:
 
 def free_model(references: list) -> dict:
     """Drops the model and its trainers; returns what is still allocated and whether the model was collected."""
-    model_ref = weakref.ref(references[0])
+    model = references[0]
+    refs = [weakref.ref(model), weakref.ref(model.get_base_model())]  # the PEFT wrapper and the model it wraps
+    del model
     references.clear()
     free_memory()
-    return {"collected": model_ref() is None, "allocated_after": allocated()}
+    return {"collected": all(ref() is None for ref in refs), "allocated_after": allocated()}
 
 
 def estimate_step_section(result: dict, factor: float, repeats: int, steps_per_call: int) -> float:

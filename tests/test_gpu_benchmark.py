@@ -73,6 +73,9 @@ def test_step_sections_have_finite_numbers_for_every_variant(tiny_run):
             assert len(values["ratio_per_repeat"]) == result["repeats"]
             assert values["peak_bytes"] is None  # no CUDA here: reported as n/a, never guessed
         assert result["variants"]["sft"]["ratio"] == 1.0
+        assert "sara/js" not in result["variants"]["sft"]["last_log"]
+        for variant in ("sara_offline", "sara_online"):  # the timed SARA steps computed the alignment loss
+            assert _finite_positive(result["variants"][variant]["last_log"]["sara/js"])
     assert data["sections"]["phi"]["aux_loss"] is False and data["sections"]["step"]["aux_loss"] is True
     assert all(freed["collected"] for key, freed in data.items() if key.startswith("freed_"))
 
