@@ -159,6 +159,7 @@ PHI_35_MOE = Architecture(
         max_position_embeddings=131072,
         attention_bias=True,
         lm_head_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     ),  # fmt: skip
@@ -574,7 +575,8 @@ def step_lines(title: str, result: dict, targets: bool) -> list[str]:
         "",
         f"{result['architecture']}, micro-batch {result['batch']} x {result['seq']} tokens, LoRA (attention + "
         f"routers), gradient checkpointing, {result['dtype']}, load-balancing loss "
-        f"{'on' if result['aux_loss'] else 'off'}. "
+        f"{'on' if result['aux_loss'] else 'off'}; the three trainers share one model, patched by `patch_model` (its "
+        "hooks do nothing for SFT: no capture is open). "
         f"The variants take turns (order reversed every repeat): a one-step `train()` each as warm-up, then "
         f"{result['repeats']} repeats of one `train()` call each of {result['steps_per_call']} steps, the first "
         f"left out: {result['measured_steps_per_variant']} steps per variant. Step: between consecutive "
@@ -745,7 +747,9 @@ def callback_section(bench: Bench, trainer, arch: Architecture, sft_step_s: floa
     pairs = Dataset.from_dict(
         {"input_ids": examples, "anchor_input_ids": anchors, "language": ["xx"] * sizes.callback_pairs}
     )
-    callback = RoutingDivergenceCallback(trainer, pairs, batch_size=sizes.callback_batch, plot=False)
+    # `steps` only because the callback warns that without it (and without evaluation) it would measure only at the
+    # start and the end of training: here `measure()` is called directly.
+    callback = RoutingDivergenceCallback(trainer, pairs, steps=10**6, batch_size=sizes.callback_batch, plot=False)
     router_logits = bool(getattr(trainer.model.config.get_text_config(), "output_router_logits", False))
     times = []
     for repeat in range(1 + sizes.callback_repeats):
