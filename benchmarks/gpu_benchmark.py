@@ -61,6 +61,7 @@ import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+START = time.monotonic()  # the budget counts from here, before torch is imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -284,6 +285,11 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def say(message: str) -> None:
+    """A progress line with the seconds since the process started (the log then shows where the time went)."""
+    print(f"[{time.monotonic() - START:6.1f} s] {message}", flush=True)
+
+
 def allocated() -> int | None:
     return torch.cuda.memory_allocated() if cuda() else None
 
@@ -292,7 +298,7 @@ class Budget:
     """Wall-clock seconds left for the run, counted from the start of the process."""
 
     def __init__(self, seconds: float):
-        self.start = time.monotonic()
+        self.start = START
         self.seconds = seconds
 
     def elapsed(self) -> float:
@@ -325,6 +331,7 @@ class Report:
         self._dump()
         with open(self.markdown, "a", encoding="utf-8") as handle:
             handle.write("\n" + "\n".join(lines) + "\n")
+        say(f"section {key} done")
         print("\n".join(lines), flush=True)
 
     def skip(self, key: str, title: str, reason: str) -> None:
@@ -514,6 +521,7 @@ def step_section(bench: Bench, model, arch: Architecture, seq: int, batch: int, 
     trainers["sara_offline"].prepare_offline_anchors()
     anchor_seconds = now() - start
 
+    say(f"{arch.name} {batch}x{seq}: trainers built, offline anchors in {anchor_seconds:.2f} s")
     calls: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     for variant in VARIANTS:  # warm-up: one step of each (kernels loaded, allocator warm), not counted
         trainers[variant].args.max_steps = 1
@@ -530,6 +538,10 @@ def step_section(bench: Bench, model, arch: Architecture, seq: int, batch: int, 
             calls[variant].append(run_call(trainers[variant], timers[variant]))
         repeat_seconds = now() - start
         done += 1
+        say(
+            f"repeat {done}: "
+            + ", ".join(f"{v} {statistics.median(calls[v][-1]['steps']) * 1e3:.0f} ms" for v in order)
+        )
 
     steps = {variant: [s for call in calls[variant] for s in call["steps"]] for variant in VARIANTS}
     medians = {variant: statistics.median(values) for variant, values in steps.items()}
@@ -955,6 +967,7 @@ def matrix_row(bench: Bench, row: MatrixRow, reference: dict | None) -> dict:
     finally:
         del trainer, model
         free_memory()
+        result["allocated_after"] = allocated()
     return result
 
 
@@ -1163,7 +1176,7 @@ def run(bench: Bench, report: Report, sections: list[str]) -> None:
         model = bench.build(qwen, experts=qwen.experts_implementation)
         build_seconds = now() - start
         report.data["build_seconds"] = {qwen.name: build_seconds}
-        print(f"built {qwen.name} in {build_seconds:.1f} s, {gib(allocated())} GiB allocated", flush=True)
+        say(f"built {qwen.name} in {build_seconds:.1f} s, {gib(allocated())} GiB allocated")
         # The step section always runs when the model is built: the others are sized from it.
         deadline = budget.seconds - reserve("anchors", "callback", "matrix")
         step_result, trainers = step_section(bench, model, qwen, sizes.seq, sizes.batch, sizes.repeats, deadline)
@@ -1209,7 +1222,7 @@ def run(bench: Bench, report: Report, sections: list[str]) -> None:
         rows: dict[str, dict] = {}
         reference = None
         for row in MATRIX:
-            print(f"matrix: {row.name}", flush=True)
+            say(f"matrix row {row.name}")
             rows[row.name] = matrix_row(bench, row, reference)
             if row.name == "plain":
                 reference = rows[row.name]
@@ -1240,7 +1253,7 @@ def run(bench: Bench, report: Report, sections: list[str]) -> None:
             start = now()
             model = bench.build(PHI_35_MOE, experts=PHI_35_MOE.experts_implementation)
             build_seconds = now() - start
-            print(f"built {PHI_35_MOE.name} in {build_seconds:.1f} s, {gib(allocated())} GiB allocated", flush=True)
+            say(f"built {PHI_35_MOE.name} in {build_seconds:.1f} s, {gib(allocated())} GiB allocated")
             result, phi_trainers = step_section(bench, model, PHI_35_MOE, sizes.seq, sizes.phi_batch,
                                                 sizes.phi_repeats, budget.seconds)  # fmt: skip
             result["build_seconds"] = build_seconds
