@@ -342,6 +342,16 @@ class Report:
             handle.write(line)
         print(line, flush=True)
 
+    def fail(self, key: str, title: str, error: BaseException) -> None:
+        """A section that raised: its error in both files; the run goes on with the next sections."""
+        status, detail = classify(error)
+        self.data.setdefault("failed", {})[key] = {"detail": detail, "traceback": traceback.format_exc()[-6000:]}
+        self._dump()
+        line = f"\n## {title}\n\nFailed ({status}): {detail}\n"
+        with open(self.markdown, "a", encoding="utf-8") as handle:
+            handle.write(line)
+        print(line + traceback.format_exc()[-3000:], flush=True)
+
     def finish(self, seconds: float) -> None:
         self.data["seconds"] = seconds
         self._dump()
@@ -375,6 +385,10 @@ class Bench:
             for row in pairs
         ]  # fmt: skip
         self.counter = 0
+
+    def maybe_fail(self, key: str) -> None:
+        if getattr(self.options, "fail_section", None) == key:
+            raise RuntimeError(f"--fail-section {key}")
 
     def output_dir(self, name: str) -> str:
         self.counter += 1
@@ -1119,6 +1133,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--repeats", type=int, default=None, help="measured repeats of the Qwen3 step section")
     parser.add_argument("--summary", metavar="JSON", help="print the short table of a results file and exit")
     parser.add_argument("--compiled-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fail-section", help=argparse.SUPPRESS)  # the tests: this section raises
     options = parser.parse_args(argv)
     if options.summary:
         with open(options.summary, encoding="utf-8") as handle:
@@ -1161,8 +1176,9 @@ SECTIONS = ("step", "anchors", "callback", "step_long", "matrix", "compiled", "p
 
 
 def run(bench: Bench, report: Report, sections: list[str]) -> None:
-    """The sections, in order: Qwen3 at full depth (step, anchors, callback, step_long), the matrix with the compile
-    child beside it, then Phi-3.5-MoE; optional sections only where the budget still holds them."""
+    """The sections, in order: Qwen3 at full depth (step, anchors, callback, step_long), the matrix with the compiled
+    rows' child beside it, then Phi-3.5-MoE; optional sections only where the budget still holds them. A section that
+    raises is recorded and the run goes on with those that do not depend on it."""
     sizes, budget, tiny = bench.sizes, bench.budget, bench.tiny
     targets = not tiny
 
@@ -1172,42 +1188,50 @@ def run(bench: Bench, report: Report, sections: list[str]) -> None:
     step_result = None
     qwen = QWEN3_30B_A3B
     if {"step", "anchors", "callback", "step_long"} & set(sections):
-        start = now()
-        model = bench.build(qwen, experts=qwen.experts_implementation)
-        build_seconds = now() - start
-        report.data["build_seconds"] = {qwen.name: build_seconds}
-        say(f"built {qwen.name} in {build_seconds:.1f} s, {gib(allocated())} GiB allocated")
-        # The step section always runs when the model is built: the others are sized from it.
-        deadline = budget.seconds - reserve("anchors", "callback", "matrix")
-        step_result, trainers = step_section(bench, model, qwen, sizes.seq, sizes.batch, sizes.repeats, deadline)
-        step_result["build_seconds"] = build_seconds
-        if "step" in sections:
-            lines = step_lines(f"Training step: {qwen.name}, sequence {sizes.seq}", step_result, targets)
-            report.section("step", step_result, lines)
-        if "anchors" in sections:
-            result = anchors_section(bench, model, qwen)
-            report.section("anchors", result, anchors_lines(result, targets))
-        if "callback" in sections:
-            result = callback_section(bench, trainers["sara_offline"], qwen, step_result["variants"]["sft"]["step_s"])
-            report.section("callback", result, callback_lines(result))
+        title = f"Training step: {qwen.name}, sequence {sizes.seq}"
+        references, trainers = [], {}
+        try:
+            bench.maybe_fail("step")
+            start = now()
+            references.append(bench.build(qwen, experts=qwen.experts_implementation))
+            build_seconds = now() - start
+            report.data["build_seconds"] = {qwen.name: build_seconds}
+            say(f"built {qwen.name} in {build_seconds:.1f} s, {gib(allocated())} GiB allocated")
+            # The step section runs whenever the model is built: the others use its trainers and are sized from it.
+            deadline = budget.seconds - reserve("anchors", "callback", "matrix")
+            step_result, trainers = step_section(
+                bench, references[0], qwen, sizes.seq, sizes.batch, sizes.repeats, deadline
+            )
+            step_result["build_seconds"] = build_seconds
+            if "step" in sections:
+                report.section("step", step_result, step_lines(title, step_result, targets))
+        except Exception as error:  # noqa: BLE001 - recorded; the matrix and Phi do not need it
+            report.fail("step", title, error)
+        for key in ("anchors", "callback", "step_long"):
+            if key not in sections:
+                continue
+            if step_result is None:
+                report.skip(key, key, "the Qwen3 step section, which it builds on, failed")
+                continue
+            try:
+                bench.maybe_fail(key)
+                if key == "anchors":
+                    result = anchors_section(bench, references[0], qwen)
+                    report.section(key, result, anchors_lines(result, targets))
+                elif key == "callback":
+                    sft_step = step_result["variants"]["sft"]["step_s"]
+                    result = callback_section(bench, trainers["sara_offline"], qwen, sft_step)
+                    report.section(key, result, callback_lines(result))
+                else:
+                    trainers.clear()
+                    free_memory()
+                    step_long(bench, report, references[0], step_result, sections, reserve("matrix"), targets)
+            except Exception as error:  # noqa: BLE001 - recorded, the run goes on
+                report.fail(key, key, error)
         trainers.clear()
+        if references:
+            report.data["freed_" + qwen.model_type] = free_model(references)
         free_memory()
-        if "step_long" in sections:
-            title = f"Training step: {qwen.name}, sequence {2 * sizes.seq}"
-            estimate = estimate_step_section(step_result, 1.15, sizes.long_repeats, 1 + sizes.steps)
-            phi = estimate_phi(report, step_result, sizes) if "phi" in sections else 0.0
-            left = budget.left() - reserve("matrix") - phi
-            if estimate > left:
-                report.skip("step_long", title, f"budget: estimated {estimate:.0f} s, {left:.0f} s left after the "
-                            "matrix's and Phi-3.5-MoE's share")  # fmt: skip
-            else:
-                result, long_trainers = step_section(bench, model, qwen, 2 * sizes.seq, max(1, sizes.batch // 2),
-                                                     sizes.long_repeats, budget.elapsed() + left)  # fmt: skip
-                long_trainers.clear()
-                report.section("step_long", result, step_lines(title, result, targets))
-        references = [model]
-        del model
-        report.data["freed_" + qwen.model_type] = free_model(references)
 
     child = None
     compiled_title = "Kernel compatibility: kernels compiled at first use (child process)"
@@ -1232,36 +1256,64 @@ def run(bench: Bench, report: Report, sections: list[str]) -> None:
                 except Exception as error:  # noqa: BLE001 - the CUDA context is gone: stop here
                     cuda_lost = f"the CUDA context broke after the matrix row {row.name}: {first_line(error)}"
                     break
-        lines = matrix_lines(rows, sizes.matrix_layers)
-        report.section("matrix", {name: public_row(row) for name, row in rows.items()}, lines)
+        report.section("matrix", {name: public_row(row) for name, row in rows.items()},
+                       matrix_lines(rows, sizes.matrix_layers))  # fmt: skip
     if child is not None:
         rows = child.result()
         report.section("compiled", rows, matrix_lines(rows, sizes.matrix_layers, compiled_title))
-
     if "phi" in sections:
-        title = f"Training step: {PHI_35_MOE.name}, sequence {sizes.seq}"
-        estimate = estimate_phi(report, step_result, sizes)
-        left, still = budget.left(), allocated() or 0
-        reason = cuda_lost
-        if still > 20 * 2**30:
-            reason = f"{still / 2**30:.1f} GiB are still allocated (the Qwen3 model was not freed)"
-        elif estimate > left:
-            reason = f"budget: estimated {estimate:.0f} s, {left:.0f} s left"
-        if reason:
-            report.skip("phi", title, reason)
-        else:
-            start = now()
-            model = bench.build(PHI_35_MOE, experts=PHI_35_MOE.experts_implementation)
-            build_seconds = now() - start
-            say(f"built {PHI_35_MOE.name} in {build_seconds:.1f} s, {gib(allocated())} GiB allocated")
-            result, phi_trainers = step_section(bench, model, PHI_35_MOE, sizes.seq, sizes.phi_batch,
-                                                sizes.phi_repeats, budget.seconds)  # fmt: skip
-            result["build_seconds"] = build_seconds
-            phi_trainers.clear()
-            references = [model]
-            del model
-            report.data["freed_" + PHI_35_MOE.model_type] = free_model(references)
-            report.section("phi", result, step_lines(title, result, False))
+        phi(bench, report, step_result, cuda_lost)
+
+
+def step_long(bench: Bench, report: Report, model, step_result: dict, sections, matrix_reserve: float, targets):
+    """The step section at twice the sequence length and half the micro-batch, when the budget still holds it after
+    the matrix's reserve and Phi-3.5-MoE's estimate (it has the lowest priority)."""
+    sizes, budget, qwen = bench.sizes, bench.budget, QWEN3_30B_A3B
+    title = f"Training step: {qwen.name}, sequence {2 * sizes.seq}"
+    estimate = estimate_step_section(step_result, 1.15, sizes.long_repeats, 1 + sizes.steps)
+    phi_share = estimate_phi(report, step_result, sizes) if "phi" in sections else 0.0
+    left = budget.left() - matrix_reserve - phi_share
+    if estimate > left:
+        reason = f"budget: estimated {estimate:.0f} s, {left:.0f} s left after the matrix's and Phi-3.5-MoE's share"
+        report.skip("step_long", title, reason)
+        return
+    result, trainers = step_section(bench, model, qwen, 2 * sizes.seq, max(1, sizes.batch // 2), sizes.long_repeats,
+                                    budget.elapsed() + left)  # fmt: skip
+    trainers.clear()
+    report.section("step_long", result, step_lines(title, result, targets))
+
+
+def phi(bench: Bench, report: Report, step_result: dict | None, cuda_lost: str | None) -> None:
+    """The step section on Phi-3.5-MoE, when the budget holds its estimate and the Qwen3 model is gone."""
+    sizes, budget, arch = bench.sizes, bench.budget, PHI_35_MOE
+    title = f"Training step: {arch.name}, sequence {sizes.seq}"
+    estimate = estimate_phi(report, step_result, sizes)
+    left, still = budget.left(), allocated() or 0
+    reason = cuda_lost
+    if still > 20 * 2**30:
+        reason = f"{still / 2**30:.1f} GiB are still allocated (the Qwen3 model was not freed)"
+    elif estimate > left:
+        reason = f"budget: estimated {estimate:.0f} s, {left:.0f} s left"
+    if reason:
+        report.skip("phi", title, reason)
+        return
+    references, trainers = [], {}
+    try:
+        bench.maybe_fail("phi")
+        start = now()
+        references.append(bench.build(arch, experts=arch.experts_implementation))
+        build_seconds = now() - start
+        say(f"built {arch.name} in {build_seconds:.1f} s, {gib(allocated())} GiB allocated")
+        result, trainers = step_section(bench, references[0], arch, sizes.seq, sizes.phi_batch, sizes.phi_repeats,
+                                        budget.seconds)  # fmt: skip
+        result["build_seconds"] = build_seconds
+        report.section("phi", result, step_lines(title, result, False))
+    except Exception as error:  # noqa: BLE001 - recorded
+        report.fail("phi", title, error)
+    finally:
+        trainers.clear()
+        if references:
+            report.data["freed_" + arch.model_type] = free_model(references)
 
 
 def estimate_phi(report: Report, step_result: dict | None, sizes: Sizes) -> float:
@@ -1317,6 +1369,8 @@ def print_summary(data: dict) -> None:
             lines.append(f"target {'met   ' if target['met'] else 'MISSED'} {name}: {target['value']}")
     for key, reason in data.get("skipped", {}).items():
         lines.append(f"skipped {key}: {reason}")
+    for key, failure in data.get("failed", {}).items():
+        lines.append(f"FAILED {key}: {failure['detail'][:200]}")
     if "seconds" in data:
         lines.append(f"total {data['seconds']:.0f} s")
     print("\n".join(lines), flush=True)

@@ -54,7 +54,7 @@ def test_markdown_starts_with_its_command_and_has_every_section(tiny_run):
         "## Training step: Phi-3.5-MoE, sequence 32",
     ):
         assert heading in markdown, heading
-    assert "Not run:" not in markdown and data["skipped"] == {}
+    assert "Not run:" not in markdown and data["skipped"] == {} and "failed" not in data
     assert set(data["sections"]) == set(gpu_benchmark.SECTIONS)
     assert "== gpu_benchmark summary (tiny" in stdout  # the short table comes last
     assert stdout.rstrip().splitlines()[-1].startswith("total ")
@@ -129,6 +129,19 @@ def test_budget_skips_the_optional_sections_and_says_so(tmp_path):
     markdown = (tmp_path / "RESULTS_GPU.md").read_text(encoding="utf-8")
     assert markdown.count("Not run: budget") == 2
     assert "skipped step_long: budget" in completed.stdout
+
+
+def test_a_failing_section_is_recorded_and_the_run_goes_on(tmp_path):
+    completed = _run(
+        "--tiny", "--sections", "step,anchors,callback,phi", "--fail-section", "step", "--output-dir", str(tmp_path)
+    )
+    data = json.loads((tmp_path / "RESULTS_GPU.json").read_text(encoding="utf-8"))
+    assert set(data["failed"]) == {"step"} and "--fail-section step" in data["failed"]["step"]["detail"]
+    assert set(data["skipped"]) == {"anchors", "callback"}  # they use the step section's trainers
+    assert set(data["sections"]) == {"phi"}  # the next independent section ran
+    markdown = (tmp_path / "RESULTS_GPU.md").read_text(encoding="utf-8")
+    assert "Failed (failed): RuntimeError at benchmarks/gpu_benchmark.py" in markdown
+    assert "FAILED step: RuntimeError" in completed.stdout
 
 
 def test_real_sizes_need_cuda(monkeypatch):
