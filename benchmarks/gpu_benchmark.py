@@ -841,7 +841,12 @@ def classify(error: BaseException) -> tuple[str, str]:
     """`refused` when hf_sara raised it (a deliberate error), `failed` otherwise; with where it was raised."""
     frames = traceback.extract_tb(error.__traceback__)
     last = frames[-1] if frames else None
-    where = f"{os.path.relpath(last.filename, ROOT) if last else '?'}:{last.lineno if last else '?'}"
+    name = last.filename if last else "?"
+    if name.startswith(ROOT + os.sep):
+        name = os.path.relpath(name, ROOT)
+    elif f"site-packages{os.sep}" in name:
+        name = name.split(f"site-packages{os.sep}", 1)[1]
+    where = f"{name}:{last.lineno if last else '?'}"
     in_hf_sara = last is not None and f"{os.sep}hf_sara{os.sep}" in last.filename
     return ("refused" if in_hf_sara else "failed"), f"{type(error).__name__} at {where}: {first_line(error)}"
 
@@ -1363,7 +1368,15 @@ def print_summary(data: dict) -> None:
         )
     for key in ("matrix", "compiled"):
         for name, row in sections.get(key, {}).items():
-            lines.append(f"matrix {name:20s} {row['status']:9s} {row.get('detail', '')[:90]}")
+            parts = [] if row.get("js") is None else [f"sara/js {row['js']:.2e}"]
+            if row.get("js_rel") is not None:
+                parts.append(
+                    f"diff: js {row['js_rel']:.1%} loss {row['loss_rel']:.2%} routing {row['routing_rel']:.1%} "
+                    f"anchors {row['anchors_rel']:.1%}"
+                )
+            if row.get("detail"):
+                parts.append(row["detail"][:160])
+            lines.append(f"matrix {name:20s} {row['status']:9s} {'; '.join(parts)}")
     for key in ("step", "step_long", "anchors") if data.get("mode") == "real" else ():
         for name, target in sections.get(key, {}).get("targets", {}).items():
             lines.append(f"target {'met   ' if target['met'] else 'MISSED'} {name}: {target['value']}")
