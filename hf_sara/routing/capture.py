@@ -42,6 +42,10 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class _RoutingComplete(Exception):
+    """Raised by the router hook of a capture's last layer to end a forward early; the capture swallows it."""
+
+
 class RoutingCapture:
     """
     The pooled routing distributions recorded during one forward of a patched model.
@@ -59,8 +63,13 @@ class RoutingCapture:
         recompute_router_logits: bool = False,
         checkpointing: bool = True,
         gradient: str = "graph",
+        stop_after: int | None = None,
+        end_forward: bool = False,
     ):
         self.checkpointing = checkpointing
+        self.stop_after = stop_after  # the last captured layer `distributions()` holds
+        self.end_forward = end_forward and stop_after is not None  # whether the forward ends there
+        self.stopped_early = False
         self.segments = segments
         self.sites = sites
         self.pooled: list[torch.Tensor | None] = [None] * num_layers
@@ -79,7 +88,8 @@ class RoutingCapture:
         output: Any = None,
     ) -> Any:
         """
-        Pools one router's scores; returns the router output the model goes on with (`None`: unchanged). With
+        Pools one router's scores; returns the router output the model goes on with (`None`: unchanged), or ends the
+        forward when `layer` is the capture's `stop_after`. With
         `router_input` (the `(input, weight, bias)` of a linear router whose scores are `F.linear(input, weight,
         bias)`), the backward recomputes the scores instead of keeping per-token probabilities, see
         [`pool_routing_from_router_input`].
@@ -91,6 +101,10 @@ class RoutingCapture:
             )
         if self.raw_scores is not None:
             self.raw_scores[layer] = scores.detach().reshape(-1, scores.shape[-1])
+        if self.end_forward and layer == self.stop_after:
+            self._pool_without_gradient(layer, scores, site)
+            self.stopped_early = True
+            raise _RoutingComplete
         if self.deferred is not None:
             replaced = self.deferred.record(layer, scores, output)
             self.pooled[layer] = self.deferred.pooled[layer]
@@ -98,8 +112,7 @@ class RoutingCapture:
         if self.segments.token_index.device != scores.device:
             self.segments = self.segments.to(scores.device)
         if self.gradient == "none":
-            with torch.no_grad():
-                self.pooled[layer] = pool_routing(scores.detach(), site.scoring, self.segments)
+            self._pool_without_gradient(layer, scores, site)
             return None
         if not torch.is_grad_enabled():
             raise RuntimeError(_REENTRANT_CHECKPOINT_ERROR if self.checkpointing else _NO_GRAD_INSIDE_ERROR)
@@ -111,6 +124,12 @@ class RoutingCapture:
             else:
                 self.pooled[layer] = pool_routing(scores, site.scoring, self.segments)
         return None
+
+    def _pool_without_gradient(self, layer: int, scores: torch.Tensor, site: RouterSite) -> None:
+        if self.segments.token_index.device != scores.device:
+            self.segments = self.segments.to(scores.device)
+        with torch.no_grad():
+            self.pooled[layer] = pool_routing(scores.detach(), site.scoring, self.segments)
 
     def scores(self) -> list[torch.Tensor]:
         """
@@ -128,28 +147,30 @@ class RoutingCapture:
         Returns the recorded distributions.
 
         Returns:
-            `torch.Tensor` of shape `[num_sequences, n_captured_layers, n_experts]`, fp32, rows summing to 1.
+            `torch.Tensor` of shape `[num_sequences, n_captured_layers, n_experts]`, fp32, rows summing to 1 (with
+            `stop_after`, the layers up to it: `[num_sequences, stop_after + 1, n_experts]`).
 
         Raises:
             `RuntimeError`: when a router did not run during the forward (for instance a hub kernel with
             `use_kernels=True` replaced the whole MoE block), so the routing would silently cover fewer layers.
         """
-        missing = [i for i, pooled in enumerate(self.pooled) if pooled is None]
+        pooled_layers = self.pooled if self.stop_after is None else self.pooled[: self.stop_after + 1]
+        missing = [i for i, pooled in enumerate(pooled_layers) if pooled is None]
         if missing:
             names = ", ".join(repr(self.sites[i].name) for i in missing[:3])
             raise RuntimeError(
-                f"{len(missing)} of {len(self.pooled)} hooked routers did not run during the forward (e.g. {names}). "
-                "Either no forward ran inside the capture, or something replaced the routers after patch_model (a "
-                "hub kernel loaded with `use_kernels=True`, or a PEFT wrapper added afterwards). Load the model "
-                "without `use_kernels`, and call patch_model after wrapping the model."
+                f"{len(missing)} of {len(pooled_layers)} hooked routers did not run during the forward (e.g. "
+                f"{names}). Either no forward ran inside the capture, or something replaced the routers after "
+                "patch_model (a hub kernel loaded with `use_kernels=True`, or a PEFT wrapper added afterwards). Load "
+                "the model without `use_kernels`, and call patch_model after wrapping the model."
             )
-        widths = {pooled.shape[-1] for pooled in self.pooled}
+        widths = {pooled.shape[-1] for pooled in pooled_layers}
         if len(widths) > 1:
             raise RuntimeError(
                 f"The hooked routers score different numbers of experts ({sorted(widths)}); pass `layers=` to "
                 "patch_model to capture layers of one width."
             )
-        return torch.stack(self.pooled, dim=1)  # type: ignore[arg-type]
+        return torch.stack(pooled_layers, dim=1)  # type: ignore[arg-type]
 
     def alignment_term(
         self,
@@ -242,6 +263,7 @@ def capture_routing(
     sequence_ids: torch.Tensor | None = None,
     recompute_router_logits: bool | None = None,
     gradient: str = "graph",
+    stop_after: int | None = None,
 ) -> Iterator[RoutingCapture]:
     """
     Opens a routing capture around one forward of a patched model.
@@ -285,6 +307,13 @@ def capture_routing(
             of [`~RoutingCapture.alignment_term`] is added in the backward, where each router's scores exist: it works
             under every checkpointing mode and keeps nothing per token between forward and backward when
             checkpointing is on. `"none"`: no gradient (cheapest; what a no-grad forward gets anyway).
+        stop_after (`int`, *optional*):
+            A captured layer after whose router the forward may end: the rest of the model (later layers, the final
+            norm, the LM head) is not run, and `distributions()` holds the layers up to it. Only a forward without
+            gradient ends early, and only when no engine shards the weights (FSDP and DeepSpeed ZeRO-3 gather and
+            release parameters around every module, and their bookkeeping expects the whole forward): elsewhere the
+            forward runs to its end and `distributions()` is cut the same way. The forward must be the last statement
+            of the `with` block (the block ends where the forward does).
 
     Yields:
         [`RoutingCapture`]: whose `distributions()` is ready once the forward has run.
@@ -306,6 +335,8 @@ def capture_routing(
         # Sharded weights (ZeRO-3, FSDP) are gathered only for their module's own backward, which may run after the
         # pooling's backward that the recomputation would need them in.
         recompute_router_logits = not checkpointing and not has_sharded_parameters(model)
+    if stop_after is not None and not 0 <= stop_after < len(state.captured_layers):
+        raise ValueError(f"`stop_after` must be a captured layer, 0..{len(state.captured_layers) - 1}: {stop_after}.")
     capture = RoutingCapture(
         segments,
         len(state.captured_layers),
@@ -314,6 +345,8 @@ def capture_routing(
         recompute_router_logits,
         checkpointing,
         gradient,
+        stop_after,
+        end_forward=not torch.is_grad_enabled() and not has_sharded_parameters(model),
     )
     if capture.deferred is not None:
         # Reached by the router hooks when the backward recomputes a layer (no capture is open then).
@@ -321,6 +354,8 @@ def capture_routing(
     state.active = capture
     try:
         yield capture
+    except _RoutingComplete:
+        pass  # the forward ended after the last layer the capture needs
     finally:
         state.active = None
 
@@ -331,6 +366,7 @@ def routing_distributions(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
+    stop_after: int | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """
@@ -352,17 +388,23 @@ def routing_distributions(
             0), one distribution is returned per packed sequence, in order.
         token_mask (`torch.Tensor` of shape `[batch, seq_len]`, *optional*):
             Restricts which real tokens are pooled (e.g. only the prompt). Not passed to the model.
+        stop_after (`int`, *optional*):
+            The last captured layer needed: without gradient (and unsharded weights) the forward ends after its
+            router, see [`capture_routing`].
         **kwargs:
             Passed to the model's forward (`use_cache` defaults to `False`).
 
     Returns:
-        `torch.Tensor` of shape `[num_sequences, n_moe_layers, n_experts]`, fp32, rows summing to 1.
+        `torch.Tensor` of shape `[num_sequences, n_moe_layers, n_experts]` (`stop_after + 1` layers with
+        `stop_after`), fp32, rows summing to 1.
     """
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     # No KV cache: it is useless here, and transformers only recognises packed sequences from `position_ids` when no
     # cache is passed, so with one a packed row would silently attend across its sequences.
     kwargs.setdefault("use_cache", False)
-    with capture_routing(model, input_ids.shape, attention_mask, position_ids, token_mask) as capture:
+    with capture_routing(
+        model, input_ids.shape, attention_mask, position_ids, token_mask, stop_after=stop_after
+    ) as capture:
         model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return capture.distributions()

@@ -163,11 +163,16 @@ def _padded(sequences: list[list[int]], pad_token_id: int, device: torch.device)
 
 @torch.no_grad()
 def pair_routing(
-    model: nn.Module, pairs: EncodedPairs, rows: range, device: torch.device | None = None
+    model: nn.Module,
+    pairs: EncodedPairs,
+    rows: range,
+    device: torch.device | None = None,
+    last_layer: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     The routing of some pairs, from one forward of their examples and one of their anchors (each a right-padded
-    batch; without the logits, `logits_to_keep=1`).
+    batch; without the logits, `logits_to_keep=1`, nor the load-balancing loss), each ending after the router of
+    `last_layer` where it can (see `capture_routing`'s `stop_after`).
 
     Args:
         model (`torch.nn.Module`):
@@ -178,17 +183,22 @@ def pair_routing(
             Which pairs: one batch.
         device (`torch.device`, *optional*):
             Where the batches go; defaults to the device of the model's first parameter.
+        last_layer (`int`, *optional*):
+            The last captured MoE layer measured (by default every one).
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor, torch.Tensor]`, on the CPU: per pair, the JS divergence between the
-        example's routing and the anchor's per captured MoE layer (`[rows, n_moe_layers]`), the example's routing and
-        the anchor's (`[rows, n_moe_layers, n_experts]`).
+        example's routing and the anchor's per measured MoE layer (`[rows, layers]`), the example's routing and
+        the anchor's (`[rows, layers, n_experts]`).
     """
     device = device if device is not None else next(model.parameters()).device
     routing = []
     for sequences in (pairs.examples, pairs.anchors):
         input_ids, attention_mask = _padded([sequences[row] for row in rows], pairs.pad_token_id, device)
-        routing.append(routing_distributions(model, input_ids, attention_mask, logits_to_keep=1).cpu())
+        distributions = routing_distributions(
+            model, input_ids, attention_mask, stop_after=last_layer, logits_to_keep=1, output_router_logits=False
+        )
+        routing.append(distributions.cpu())
     examples, anchors = routing
     return js_divergence(examples, anchors), examples, anchors
 
@@ -201,6 +211,7 @@ def measure_pairs(
     process_index: int = 0,
     num_processes: int = 1,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    last_layer: int | None = None,
 ) -> tuple[RoutingReport, int]:
     """
     Measures, per language and MoE layer, how far the examples' routing is from their anchors', with `model` as it is
@@ -221,6 +232,9 @@ def measure_pairs(
         gather (`Callable`, *optional*):
             All-gathers a CPU tensor of the same shape on every rank along dim 0 and returns it on the CPU; needed
             when `num_processes > 1`.
+        last_layer (`int`, *optional*):
+            The last captured MoE layer measured: the forwards end after its router where they can. By default,
+            every layer.
 
     Returns:
         `tuple[RoutingReport, int]`: the [`RoutingReport`] (the same on every rank), and how many pairs this rank
@@ -238,7 +252,7 @@ def measure_pairs(
         device = next(model.parameters()).device
         rounds = deal_batches(
             [len(rows) for rows in batches],
-            lambda batch: pair_routing(model, pairs, batches[batch], device),
+            lambda batch: pair_routing(model, pairs, batches[batch], device, last_layer),
             process_index,
             num_processes,
             gather,

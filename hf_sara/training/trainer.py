@@ -351,6 +351,7 @@ class SARATrainer(SFTTrainer):
             {name: table.identity(pooling) for name, table in tables.items()},
             pooling,
             self._sara_router_checksum,
+            computed_layers=max(self._sara_layer_indices) + 1,  # their forward ends after the last aligned layer
         )
         self._sara_offline, computed = open_offline_anchors(
             self._model_for_anchors(),
@@ -554,9 +555,14 @@ class SARATrainer(SFTTrainer):
             inputs = {key: value for key, value in anchor_inputs.items() if key != "labels"}
             with torch.no_grad():
                 with capture_routing(
-                    model, shape, attention_mask, token_mask=token_mask, sequence_ids=sequence_ids
+                    model,
+                    shape,
+                    attention_mask,
+                    token_mask=token_mask,
+                    sequence_ids=sequence_ids,
+                    stop_after=max(self._sara_layer_indices),  # the forward ends after the last aligned layer
                 ) as cap:
-                    model(**inputs, use_cache=False, logits_to_keep=1)
+                    model(**inputs, use_cache=False, logits_to_keep=1, output_router_logits=False)
         return cap.distributions().detach(), cap.segments.sequence_of_segment, sft_loss
 
     def _anchor_targets(
@@ -578,7 +584,8 @@ class SARATrainer(SFTTrainer):
             return targets, torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device), sft_loss
         position = torch.searchsorted(anchor_rows, rows).clamp(max=anchor_rows.shape[0] - 1)
         has_anchor = anchor_rows[position] == rows
-        targets[has_anchor] = anchor_distributions[position[has_anchor]]
+        # The anchors' routing up to the last aligned layer (with an SFT loss on them, of every layer).
+        targets[has_anchor, : anchor_distributions.shape[1]] = anchor_distributions[position[has_anchor]]
         return targets, has_anchor, sft_loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -84,7 +84,9 @@ class AnchorIdentity:
     """
     Everything offline anchors depend on, stored as the `__metadata__` strings of their file and compared when the file
     is reused: the router weights of the model before training (their checksum), the number of MoE layers and experts,
-    the pooling, and for each dataset its rows and anchor tokens. `model` and `revision` are recorded for the reader
+    the pooling, and for each dataset its rows and anchor tokens. `computed_layers` says how many MoE layers (from the
+    first) the anchors hold: their forward ends after the last aligned layer, so a file serves any run that aligns no
+    later layer. `model` and `revision` are recorded for the reader
     but not compared: the same model may be named by another path or by its Hub id.
 
     Build it with [`~AnchorIdentity.of`]; read a file's with [`~AnchorIdentity.from_metadata`] (the one parser of the
@@ -98,14 +100,26 @@ class AnchorIdentity:
     datasets: dict[str, DatasetIdentity] = field(default_factory=dict)
     model: str = ""
     revision: str = ""
+    computed_layers: int | None = None  # None: every MoE layer
+
+    @property
+    def layers_held(self) -> int:
+        """How many MoE layers, from the first, the anchors hold."""
+        return self.num_moe_layers if self.computed_layers is None else self.computed_layers
 
     @classmethod
     def of(
-        cls, model: nn.Module, datasets: dict[str, DatasetIdentity], pooling: str, checksum: str | None = None
+        cls,
+        model: nn.Module,
+        datasets: dict[str, DatasetIdentity],
+        pooling: str,
+        checksum: str | None = None,
+        computed_layers: int | None = None,
     ) -> AnchorIdentity:
         """
         The identity of anchors of `datasets` computed with the patched `model` as it is now (`checksum`: its
-        [`router_checksum`], when it was taken earlier, before training changed the weights).
+        [`router_checksum`], when it was taken earlier, before training changed the weights), holding the first
+        `computed_layers` MoE layers (every one by default).
         """
         state = get_routing_state(model)
         if state is None:
@@ -121,6 +135,7 @@ class AnchorIdentity:
             datasets=dict(datasets),
             model=str(getattr(config, "_name_or_path", "") or ""),
             revision=str(getattr(config, "_commit_hash", "") or ""),
+            computed_layers=computed_layers,
         )
 
     def restricted_to(self, names: list[str]) -> AnchorIdentity:
@@ -133,6 +148,7 @@ class AnchorIdentity:
             {name: self.datasets[name] for name in names},
             self.model,
             self.revision,
+            self.computed_layers,
         )
 
     def to_metadata(self) -> dict[str, str]:
@@ -147,6 +163,7 @@ class AnchorIdentity:
             "num_experts": str(self.num_experts),
             "pooling": self.pooling,
             "datasets": json.dumps(datasets, sort_keys=True),
+            "computed_layers": str(self.layers_held),
         }
 
     @classmethod
@@ -170,8 +187,8 @@ class AnchorIdentity:
         ):
             raise _damaged(path, "its datasets are not {name: {rows, tokens}}")
         counts = {}
-        for key in ("num_moe_layers", "num_experts"):
-            value = metadata.get(key, "")
+        for key in ("num_moe_layers", "num_experts", "computed_layers"):
+            value = metadata.get(key, metadata.get("num_moe_layers", "") if key == "computed_layers" else "")
             if not value.isdigit():
                 raise _damaged(path, f"{key} is {value!r}")
             counts[key] = int(value)
@@ -208,6 +225,12 @@ class AnchorIdentity:
                     or "If this model is the untrained one, remove the file to recompute them with it; to measure a "
                     "trained model, use `hf-sara analyze` (base vs adapter) or `sara_anchor_mode='online'`."
                 )
+            )
+        if stored.layers_held < self.layers_held:
+            raise ValueError(
+                f"The anchors in {path} hold MoE layers 0..{stored.layers_held - 1}, and this run aligns layers up to "
+                f"{self.layers_held - 1} (another `sara_layers`). "
+                + (fix or "Remove the file to recompute them, or align no later layer than they hold.")
             )
         for key in ("num_moe_layers", "num_experts", "pooling"):
             there, here = getattr(stored, key), getattr(self, key)

@@ -44,15 +44,27 @@ def _default_collator(model: nn.Module) -> Callable:
 
 
 @torch.no_grad()
-def _pool_rows(model: nn.Module, rows: Dataset, data_collator: Callable, pooling: str, device) -> torch.Tensor:
-    """Routing distributions `[len(rows), n_moe_layers, n_experts]` of tokenized rows, from one forward."""
+def _pool_rows(
+    model: nn.Module, rows: Dataset, data_collator: Callable, pooling: str, device, layers: int
+) -> torch.Tensor:
+    """
+    Routing distributions `[len(rows), layers, n_experts]` of tokenized rows (the first `layers` MoE layers), from one
+    forward that ends after the last of them where it can (see `capture_routing`'s `stop_after`).
+    """
     batch = data_collator([{key: row[key] for key in ("input_ids", "labels") if key in row} for row in rows])
     batch = {key: value.to(device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
     token_mask = pooling_token_mask(batch.pop("labels", None), pooling)
     with capture_routing(
-        model, batch["input_ids"].shape, batch.get("attention_mask"), batch.get("position_ids"), token_mask
+        model,
+        batch["input_ids"].shape,
+        batch.get("attention_mask"),
+        batch.get("position_ids"),
+        token_mask,
+        stop_after=layers - 1,
     ) as capture:
-        model(**batch, use_cache=False, logits_to_keep=1)
+        # Nothing but the routing: no logits beyond one token, no load-balancing loss (which `SFTTrainer` turns on in
+        # the config for training) over every layer's logits.
+        model(**batch, use_cache=False, logits_to_keep=1, output_router_logits=False)
     return capture.distributions().float()
 
 
@@ -150,7 +162,8 @@ class OfflineAnchors:
             the fix.
         """
         anchors = MappedAnchorFile(path)
-        expected.check_matches(AnchorIdentity.from_metadata(anchors.metadata, anchors.path), anchors.path, resuming)
+        stored = AnchorIdentity.from_metadata(anchors.metadata, anchors.path)
+        expected.check_matches(stored, anchors.path, resuming)
         for name, table in tables.items():
             for key in (distributions_key(name), flags_key(name)):
                 if key not in anchors.layouts or anchors.shape(key)[0] != table.size:
@@ -158,16 +171,16 @@ class OfflineAnchors:
                         f"{anchors.path} lacks the tensor {key!r} of {table.size} rows that its metadata promises: "
                         f"the file is damaged. {REMOVE_TO_RECOMPUTE}"
                     )
-            cls._check_shape_and_flags(anchors, name, expected, table.anchored_rows())
+            cls._check_shape_and_flags(anchors, name, stored, table.anchored_rows())
         return cls(anchors, {name: (table.offset, table.size) for name, table in tables.items()})
 
     @staticmethod
     def _check_shape_and_flags(
-        anchors: MappedAnchorFile, name: str, expected: AnchorIdentity, rows: torch.Tensor
+        anchors: MappedAnchorFile, name: str, stored: AnchorIdentity, rows: torch.Tensor
     ) -> None:
         shape = anchors.shape(distributions_key(name))
         flags = anchors.rows(flags_key(name), slice(None))
-        layers, experts = expected.num_moe_layers, expected.num_experts
+        layers, experts = stored.layers_held, stored.num_experts
         wrong_shape = len(shape) != 3 or (flags.any() and shape[2] == 0)
         wrong_shape |= len(shape) == 3 and (shape[1] != layers or shape[2] not in (0, experts))
         if wrong_shape:
@@ -244,7 +257,7 @@ class OfflineAnchors:
         metadata, pooling = identity.to_metadata(), identity.pooling
         data_collator = data_collator or _default_collator(model)
         device = device if device is not None else next(model.parameters()).device
-        num_layers = len(get_routing_state(model).captured_layers)
+        num_layers = identity.layers_held
         batches = [
             (name, start, min(start + batch_size, len(table.rows)))
             for name, table in tables.items()
@@ -254,7 +267,7 @@ class OfflineAnchors:
         def pool(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
             name, start, end = batches[batch]
             rows = tables[name].rows.select(range(start, end))
-            pooled = _pool_rows(model, rows, data_collator, pooling, device)
+            pooled = _pool_rows(model, rows, data_collator, pooling, device, num_layers)
             return pooled, torch.tensor(rows[ROW_COLUMN], dtype=torch.long, device=pooled.device)
 
         sizes = [end - start for _, start, end in batches]
@@ -308,7 +321,7 @@ class OfflineAnchors:
         """
         data_collator = data_collator or _default_collator(model)
         device = device if device is not None else next(model.parameters()).device
-        pooling = self.identity.pooling
+        held = self.identity
         parameter = next(model.parameters())
         tolerance = 1e-4 if parameter.dtype == torch.float32 else 5e-3
         with eval_mode(model):
@@ -316,7 +329,7 @@ class OfflineAnchors:
                 if len(table.rows) == 0:
                     continue
                 rows = table.rows.select(range(min(batch_size, len(table.rows))))
-                recomputed = _pool_rows(model, rows, data_collator, pooling, device).cpu()
+                recomputed = _pool_rows(model, rows, data_collator, held.pooling, device, held.layers_held).cpu()
                 local = torch.tensor(rows[ROW_COLUMN], dtype=torch.long) - table.offset
                 stored = self.file.rows(distributions_key(name), local)
                 difference = (recomputed - stored).abs().max().item() if stored.numel() else math.inf
@@ -356,8 +369,8 @@ class OfflineAnchors:
                 The examples' distributions' shape, `[n, n_moe_layers, n_experts]`.
 
         Returns:
-            `tuple[torch.Tensor, torch.Tensor]`: the anchor distributions (zeros for rows without an anchor) and the
-            boolean mask of rows that have one.
+            `tuple[torch.Tensor, torch.Tensor]`: the anchor distributions (zeros for rows without an anchor, and for
+            the layers after those the file holds) and the boolean mask of rows that have one.
         """
         rows_on_host = rows.cpu()
         targets = torch.zeros(shape, dtype=torch.float32)
@@ -375,10 +388,13 @@ class OfflineAnchors:
                 "The file is damaged or was not written by hf_sara: remove it to recompute the anchors.",
                 row_names=local[present].tolist(),
             )
-            targets[selected] = values
+            targets[selected, : values.shape[1]] = values
             has_anchor[selected] = present
         return targets.to(rows.device, non_blocking=True), has_anchor.to(rows.device, non_blocking=True)
 
     def table(self, name: str) -> torch.Tensor:
-        """The whole table of dataset `name`, `[n_rows, n_moe_layers, n_experts]` (this one reads it all)."""
+        """
+        The whole table of dataset `name`, `[n_rows, layers held, n_experts]` (the first MoE layers, up to the last
+        aligned one); this one reads it all.
+        """
         return self.file.rows(distributions_key(name), slice(None))
