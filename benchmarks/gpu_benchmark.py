@@ -21,7 +21,7 @@ so in both files.
   `on_step_end` callbacks (CUDA synchronised), i.e. all the training loop does per optimizer step (collation,
   forward, loss, backward, clipping, optimizer, scheduler), the first step of each call left out. Reported: median
   step, its ratio to SFT, the min-max of the per-repeat ratios, `torch.cuda.max_memory_allocated` per call.
-- `anchors`: the offline anchor pass (`compute_anchor_distributions`, the forward the trainer runs) against a plain
+- `anchors`: the offline anchor pass (`OfflineAnchors.compute`, what the trainer runs) against a plain
   no-grad forward of the same batches and collator, interleaved: rows/s, tokens/s.
 - `callback`: one `RoutingDivergenceCallback.measure()`, per 100 pairs and against the SFT step.
 - `step_long`*: `step` at twice the sequence length and half the micro-batch (sized from `step`).
@@ -232,6 +232,12 @@ MATRIX = [
     MatrixRow("experts_deepgemm", "`experts_implementation='deepgemm'`", experts="deepgemm", needs_cuda=True),
     MatrixRow("experts_sonicmoe", "`experts_implementation='sonicmoe'`", experts="sonicmoe", needs_cuda=True),
     MatrixRow("padding_free", "`padding_free=True`", args={"padding_free": True}),
+    MatrixRow(
+        "reentrant_checkpointing",
+        "`use_reentrant=True` (what TRL forces for PEFT + ZeRO-3)",
+        args={"activation_checkpointing_kwargs": {"use_reentrant": True}},
+    ),
+    MatrixRow("no_checkpointing", "activation checkpointing off", args={"activation_checkpointing": False}),
 ]
 # Rows whose kernels are compiled at first use (Triton JIT and autotuning, inductor): run in a child process with its
 # own time limit, beside the matrix, each against the child's own plain row.
@@ -435,15 +441,16 @@ class Bench:
         return torch.randint(seq // 2, seq + 1, (count,), generator=generator).tolist()
 
     def training_arguments(self, arch: Architecture, batch: int, max_steps: int, **extra) -> dict[str, Any]:
-        return dict(
+        arguments = dict(
             output_dir=extra.pop("output_dir"), max_steps=max_steps, per_device_train_batch_size=batch,
             per_device_eval_batch_size=self.sizes.anchor_batch, learning_rate=extra.pop("learning_rate", 1e-5),
             lr_scheduler_type="constant", max_length=None, bf16=self.sizes.dtype == "bfloat16",
             activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
             logging_steps=max_steps, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
             seed=0, use_cpu=not cuda(),
-            router_aux_loss_coef=None if arch.aux_loss else 0.0, **extra,
+            router_aux_loss_coef=None if arch.aux_loss else 0.0,
         )  # fmt: skip
+        return {**arguments, **extra}
 
     def trainer(self, variant: str, model, arch: Architecture, examples, anchors, batch: int, max_steps: int,
                 callbacks=(), **extra):  # fmt: skip
@@ -656,30 +663,25 @@ def target_lines(result: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def router_logits_output(model, value: bool):
-    config = model.config.get_text_config()
-    before = getattr(config, "output_router_logits", False)
-    config.output_router_logits = value
-    try:
-        yield
-    finally:
-        config.output_router_logits = before
-
-
 def anchors_section(bench: Bench, model, arch: Architecture) -> dict:
     from datasets import Dataset
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from hf_sara import compute_anchor_distributions
+    from hf_sara import OfflineAnchors, find_routers, resolve_layers
+    from hf_sara.training.anchors import AnchorIdentity, AnchorTable
 
     sizes = bench.sizes
     vocab = arch.vocab_size(bench.tiny, bench.tokenizer)
     _, anchors = bench.rows(sizes.anchor_rows, [sizes.seq] * sizes.anchor_rows, vocab, seed=2)
-    table = Dataset.from_dict({"input_ids": anchors})
+    table = Dataset.from_dict({"input_ids": anchors, "sara_row": list(range(len(anchors)))})
     collator = DataCollatorForLanguageModeling(pad_token_id=bench.tokenizer.pad_token_id)
     device = next(model.parameters()).device
     tokens = sum(len(ids) for ids in anchors)
+    num_layers = len(find_routers(model))
+    band = resolve_layers(None, num_layers)  # the published band: the anchors' forward ends after its last layer
+    tables = {"bench": AnchorTable(table, 0, len(table))}
+    work = bench.output_dir("anchors")
+    os.makedirs(work, exist_ok=True)
 
     def plain(logits_to_keep: int):
         model.eval()
@@ -688,34 +690,39 @@ def anchors_section(bench: Bench, model, arch: Architecture) -> dict:
                 rows = table.select(range(start, min(start + sizes.anchor_batch, len(table))))
                 batch = collator([{"input_ids": row["input_ids"]} for row in rows])
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                      use_cache=False, logits_to_keep=logits_to_keep)  # fmt: skip
+                      use_cache=False, logits_to_keep=logits_to_keep, output_router_logits=False)  # fmt: skip
 
-    def anchor_pass():
-        return compute_anchor_distributions(model, table, batch_size=sizes.anchor_batch)
+    def anchor_pass(layers: int):
+        identity = AnchorIdentity.of(
+            model, {"bench": tables["bench"].identity("all")}, "all", checksum="benchmark", computed_layers=layers
+        )
+        path = os.path.join(work, f"anchors-{layers}.safetensors")
+        OfflineAnchors.compute(model, tables, path, identity, collator, sizes.anchor_batch, device)
+        sync()
 
     variants = {
-        "plain forward, logits of the last token": (False, lambda: plain(1)),
-        "plain forward, all logits": (False, lambda: plain(0)),
-        "anchor pass (`compute_anchor_distributions`)": (False, anchor_pass),
-        "anchor pass, `output_router_logits=True` (inside `SARATrainer` with the load-balancing loss on)": (
-            True, anchor_pass),
-    }  # fmt: skip
+        "plain forward, logits of the last token": lambda: plain(1),
+        "plain forward, all logits": lambda: plain(0),
+        f"anchor pass (`OfflineAnchors.compute`, ends after MoE layer {band[-1]}, the band's last)": (
+            lambda: anchor_pass(band[-1] + 1)
+        ),
+        f"anchor pass over all {num_layers} MoE layers": lambda: anchor_pass(num_layers),
+    }
     times: dict[str, list[float]] = {name: [] for name in variants}
     training = model.training
     for repeat in range(1 + sizes.anchor_repeats):
         order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
         for name in order:
-            router_logits, function = variants[name]
-            with router_logits_output(model, router_logits):
-                start = now()
-                function()
-                elapsed = now() - start
+            start = now()
+            variants[name]()
+            elapsed = now() - start
             if repeat > 0:
                 times[name].append(elapsed)
     model.train(training)
     reference = statistics.median(times["plain forward, logits of the last token"])
     result = {"rows": len(table), "seq": sizes.seq, "batch": sizes.anchor_batch, "tokens": tokens,
-              "repeats": sizes.anchor_repeats, "variants": {}}  # fmt: skip
+              "repeats": sizes.anchor_repeats, "band": [band[0], band[-1]], "num_layers": num_layers,
+              "variants": {}}  # fmt: skip
     for name, values in times.items():
         median = statistics.median(values)
         result["variants"][name] = {
@@ -723,7 +730,7 @@ def anchors_section(bench: Bench, model, arch: Architecture) -> dict:
             "tokens_per_s": tokens / median,
             "per_token_vs_plain": median / reference,
         }  # fmt: skip
-    anchor = result["variants"]["anchor pass (`compute_anchor_distributions`)"]["per_token_vs_plain"]
+    anchor = result["variants"][list(variants)[2]]["per_token_vs_plain"]
     result["targets"] = {
         f"anchor pass within {TARGET_ANCHOR_PASS - 1:.0%} of a plain no-grad forward per token": {
             "met": anchor <= TARGET_ANCHOR_PASS,
@@ -739,7 +746,9 @@ def anchors_lines(result: dict, targets: bool) -> list[str]:
         "",
         f"{result['rows']} anchor rows of {result['seq']} tokens, batch {result['batch']}, eval mode, no gradient; "
         f"the same collator and batches for every line (collation included), interleaved, median of "
-        f"{result['repeats']} after a warm-up. `output_router_logits=False` unless said.",
+        f"{result['repeats']} after a warm-up, `output_router_logits=False`. The anchor pass is what the trainer runs "
+        "(each batch pooled, gathered and written to the memory-mapped file); with the published band it ends after "
+        "the band's last MoE layer.",
         "",
         "| what | seconds | rows/s | tokens/s | time per token vs plain (last-token logits) |",
         "|---|---|---|---|---|",
