@@ -28,7 +28,10 @@ _MODULE_OF: dict[str, str] = {
     "router_probabilities": "routing.pooling",
     "js_divergence": "routing.loss",
     "sara_alignment_loss": "routing.loss",
+    "SARAArguments": "training.arguments",
+    "SARATrainingArguments": "training.arguments",
     "SARAConfig": "training.config",
+    "SARAMixin": "training.mixin",
     "SARATrainer": "training.trainer",
     "OfflineAnchors": "training.anchors",
     "RoutingDivergenceCallback": "tools.monitor",
@@ -45,8 +48,11 @@ __all__ = [
     "RouterSite",
     "RoutingCapture",
     "RoutingDivergenceCallback",
+    "SARAArguments",
     "SARAConfig",
+    "SARAMixin",
     "SARATrainer",
+    "SARATrainingArguments",
     "capture_routing",
     "check_adapter_fits_base",
     "find_routers",
@@ -72,7 +78,9 @@ if TYPE_CHECKING:
     from .tools.merge import MergeResult, check_adapter_fits_base, merge_adapter
     from .tools.monitor import RoutingDivergenceCallback
     from .training.anchors import OfflineAnchors
+    from .training.arguments import SARAArguments, SARATrainingArguments
     from .training.config import SARAConfig
+    from .training.mixin import SARAMixin
     from .training.trainer import SARATrainer
 
 

@@ -79,7 +79,7 @@ def test_sum_reduction_is_accumulation_times_processes_times_the_mean_on_two_pro
 
 
 def test_an_unknown_loss_reduction_is_refused_naming_the_choices():
-    choices = r"\('mean', 'step_mean', 'sum'\)"
+    choices = r"\('step_mean', 'mean', 'sum'\)"
     with pytest.raises(ValueError, match=rf"`sara_loss_reduction` must be one of {choices}, got 'total'"):
         SARAConfig(output_dir="unused", use_cpu=True, sara_loss_reduction="total")
 

@@ -22,7 +22,8 @@ from ..files.checkpoints import complete_checkpoint
 from ..routing.layers import DEFAULT_LAYERS, resolve_layers
 from ..routing.patching import patch_model
 from ..testing import load_demo_pairs, save_tiny_model
-from ..training.config import SARAConfig, convert_training_arguments
+from ..training.arguments import convert_training_arguments
+from ..training.config import SARAConfig
 from ..training.paired_data import anchored_subset, detect_paired_format, examples_only, plain_texts
 from ..training.trainer import SARATrainer
 from .analysis import RoutingReport, analyze_routing, write_report

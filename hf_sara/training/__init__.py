@@ -1,7 +1,9 @@
 """Training: [`SARAConfig`], [`SARATrainer`] and what they build on.
 
+- [`arguments`]: the SARA settings as a mixin of any `TrainingArguments` (`SARAArguments`, `SARATrainingArguments`).
 - [`config`]: the SARA settings on top of TRL's `SFTConfig`.
-- [`trainer`]: `SFTTrainer` with paired datasets and the alignment loss.
+- [`mixin`]: the alignment loss, offline anchors, metrics and checkpoints for any `transformers.Trainer`.
+- [`trainer`]: `SFTTrainer` with paired datasets in any format it accepts, and the mixin's loss.
 - [`paired_data`]: the paired dataset format (an example and its anchor under a prefix), read and split.
 - [`collator`]: paired batches around the trainer's own collator.
 - [`anchors`]: offline anchor distributions: their identity, file, computation across ranks and cache policy.

@@ -3,7 +3,9 @@ needed and named with the release it was last seen in: drop one once the oldest 
 
 - TRL's fused LM head on some families ([`sft_trainer_compatibility`]);
 - `output_router_logits` left on by `SFTTrainer` after training ([`restore_output_router_logits`]);
-- resumed checkpoints loaded without transformers' weight conversion ([`load_checkpoint_with_conversion`]).
+- resumed checkpoints loaded without transformers' weight conversion ([`load_checkpoint_with_conversion`]);
+- whether `Trainer` divides a loss by the accumulation steps, as each transformers release decides it
+  ([`loss_is_scaled_for_accumulation`]).
 """
 
 from __future__ import annotations
@@ -105,3 +107,19 @@ def load_checkpoint_with_conversion(model: nn.Module, checkpoint: str) -> None:
             "another architecture or size. Resume with the model that run started from."
         ) from None
     logger.info(f"SARA: loaded the weights of {checkpoint} with transformers' checkpoint conversion.")
+
+
+def loss_is_scaled_for_accumulation(trainer: Any, num_items_in_batch: Any) -> bool:
+    """
+    Whether `Trainer.training_step` leaves the loss undivided by the gradient-accumulation steps (the loss was
+    normalised by `num_items_in_batch`), as transformers decides it: `Trainer.loss_is_scaled_for_ga` when a trainer
+    sets it (transformers >= 5.19), else a model that takes loss kwargs with a token count, or a `compute_loss_func`.
+    A term added to such a loss must be divided by the accumulation steps itself.
+    """
+    override = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if override is not None:
+        return bool(override)
+    return bool(
+        (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None)
+        or getattr(trainer, "compute_loss_func", None) is not None
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from datasets import Dataset, IterableDataset
-from trl.data_utils import is_conversational
 
 # Columns that hf_sara adds to the datasets it prepares; they survive `Trainer`'s column removal.
 ROW_COLUMN = "sara_row"  # global id of the example's row (one id space across train and eval datasets)
@@ -70,7 +69,7 @@ def check_paired_dataset(dataset: object, name: str) -> None:
 
 def _formats(text_field: str) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     return [
-        (TOKENIZED_FIELDS, ("labels", "completion_mask", "assistant_masks")),
+        (TOKENIZED_FIELDS, ("labels", "attention_mask", "completion_mask", "assistant_masks")),
         (PROMPT_COMPLETION_FIELDS, ()),
         (MESSAGES_FIELDS, ()),
         ((text_field,), ()),
@@ -127,6 +126,13 @@ def detect_paired_format(
     )
 
 
+def _is_conversational(example: dict) -> bool:
+    """TRL's test of a conversational example (imported here: tokenized pairs need no TRL)."""
+    from trl.data_utils import is_conversational
+
+    return is_conversational(example)
+
+
 def _is_missing(value) -> bool:
     return value is None or (isinstance(value, (str, list)) and len(value) == 0)
 
@@ -161,11 +167,11 @@ def anchored_rows(dataset: Dataset, paired_format: PairedFormat) -> list[bool]:
             )
         example = {name: row[name] for name in paired_format.fields}
         anchor = {name: row[paired_format.anchor_prefix + name] for name in paired_format.fields}
-        if paired_format.fields != TOKENIZED_FIELDS and is_conversational(example) != is_conversational(anchor):
+        if paired_format.fields != TOKENIZED_FIELDS and _is_conversational(example) != _is_conversational(anchor):
             kinds = ("conversational", "plain text")
             raise ValueError(
-                f"Row {index}: the example is {kinds[not is_conversational(example)]} but its anchor is "
-                f"{kinds[not is_conversational(anchor)]}. Both sides must use the same format."
+                f"Row {index}: the example is {kinds[not _is_conversational(example)]} but its anchor is "
+                f"{kinds[not _is_conversational(anchor)]}. Both sides must use the same format."
             )
         has_anchor.append(True)
     return has_anchor
@@ -202,7 +208,7 @@ def plain_texts(dataset: Dataset, paired_format: PairedFormat, anchors: bool = F
         `ValueError`: for conversational or tokenized pairs, which have no plain text without a tokenizer's template.
     """
     prefix = paired_format.anchor_prefix if anchors else ""
-    if paired_format.fields == PROMPT_COMPLETION_FIELDS and not is_conversational(dataset[0]):
+    if paired_format.fields == PROMPT_COMPLETION_FIELDS and not _is_conversational(dataset[0]):
         prompts, completions = (dataset[prefix + name] for name in PROMPT_COMPLETION_FIELDS)
         return [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)]
     if len(paired_format.fields) == 1 and paired_format.fields not in (MESSAGES_FIELDS, TOKENIZED_FIELDS):
