@@ -3,10 +3,16 @@ checkpointing (the deferred route of `capture_routing(gradient="deferred")`); it
 
 import gc
 import weakref
+from functools import partial
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
 
 from hf_sara import (
     SARATrainer,
@@ -41,6 +47,7 @@ VARIANTS = {
     "reentrant_every_2": dict(activation_checkpointing_kwargs={"use_reentrant": True}, every_n_layers=2),
     "non_reentrant_every_2": dict(activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=2),
 }
+WRAPPERS = {"fsdp_wrapper": CheckpointImpl.NO_REENTRANT, "fsdp_wrapper_reentrant": CheckpointImpl.REENTRANT}
 HAS_ANCHOR = torch.tensor([True, False, True, True])  # one row without an anchor: masked out of the term
 
 
@@ -63,7 +70,16 @@ def _model(model_type, checkpointing, lora=False):
         for name, parameter in model.named_parameters():
             if "lora_B" in name:  # PEFT starts B at 0; a non-zero B makes every adapter weight's gradient non-zero
                 torch.nn.init.normal_(parameter, std=0.02)
-    if checkpointing in VARIANTS:
+    if checkpointing in WRAPPERS:
+        # What FSDP's own activation checkpointing (`fsdp_activation_checkpointing`) applies: torch's checkpoint
+        # wrapper around each decoder layer, not transformers' flag.
+        layer_class = type(model.get_decoder().layers[0])
+        apply_activation_checkpointing(
+            model,
+            checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=WRAPPERS[checkpointing]),
+            check_fn=lambda module: isinstance(module, layer_class),
+        )
+    elif checkpointing in VARIANTS:
         model.activation_checkpointing_enable(**VARIANTS[checkpointing])
     elif checkpointing is not None:
         model.activation_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
@@ -75,13 +91,15 @@ def _term_gradients(model_type, checkpointing, gradient="deferred", lora=False, 
     model = _model(model_type, checkpointing, lora)
     input_ids, attention_mask = _batch()
     with capture_routing(model, input_ids.shape, attention_mask, gradient=gradient) as capture:
-        sft_loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
+        sft_loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids, use_cache=False).loss
     layers = list(range(capture.distributions().shape[1]))
     row_weights = HAS_ANCHOR.float() / HAS_ANCHOR.sum() / len(layers)
     anchors = _anchors(input_ids.shape[0], len(layers))
     term, _ = capture.alignment_term(anchors, HAS_ANCHOR, row_weights, layers, ordering=sft_loss)
     (sft_weight * sft_loss + weight * term).backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, term.detach()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    # torch's checkpoint wrapper inserts a module level: named as without it, to compare with the other modes.
+    return {name.replace("_checkpoint_wrapped_module.", ""): g for name, g in gradients.items()}, term.detach()
 
 
 def _assert_same(got, expected, tolerance=1e-6):
@@ -101,6 +119,14 @@ def test_the_deferred_term_has_the_gradients_of_the_graph_in_every_checkpointing
     # Not only the routers: through the layers' inputs, every earlier layer's weights get the term's gradient.
     first = [name for name in reference if ".layers.0." in name and not any(name.startswith(r) for r in routers)]
     assert first and any(reference[name].abs().sum() > 0 for name in first)
+    _assert_same(got, reference)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_torch_checkpoint_wrapper_as_fsdp_applies_it_gets_the_same_gradients(model_type, wrapper):
+    reference, _ = _term_gradients(model_type, None, gradient="graph")
+    got, _ = _term_gradients(model_type, wrapper)
     _assert_same(got, reference)
 
 
@@ -143,7 +169,7 @@ class TestFailures:
         model = _model("qwen3_moe", "non_reentrant")
         input_ids, attention_mask = _batch()
         with capture_routing(model, input_ids.shape, attention_mask, gradient="deferred") as capture:
-            sft_loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
+            sft_loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids, use_cache=False).loss
         layers = list(range(4))
         capture.alignment_term(_anchors(4, 4), HAS_ANCHOR, HAS_ANCHOR.float() / 12, layers, ordering=sft_loss)
         with pytest.raises(RuntimeError, match="before the SARA alignment term had its coefficient"):
@@ -153,7 +179,7 @@ class TestFailures:
         model = _model("qwen3_moe", "reentrant")
         input_ids, attention_mask = _batch()
         with capture_routing(model, input_ids.shape, attention_mask, gradient="deferred") as capture:
-            sft_loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
+            sft_loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids, use_cache=False).loss
         term, _ = capture.alignment_term(_anchors(4, 4), HAS_ANCHOR, HAS_ANCHOR.float() / 12, [0, 1, 2, 3], sft_loss)
         loss = sft_loss + term
         loss.backward(retain_graph=True)
@@ -172,7 +198,7 @@ class TestFailures:
         model = patch_model(model)
         input_ids, attention_mask = _batch()
         with capture_routing(model, input_ids.shape, attention_mask, gradient="deferred") as capture:
-            sft_loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
+            sft_loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids, use_cache=False).loss
         term, _ = capture.alignment_term(_anchors(4, 4), HAS_ANCHOR, HAS_ANCHOR.float() / 12, [0, 1, 2, 3], sft_loss)
         with pytest.raises(RuntimeError, match="never reached 4 aligned router"):
             (sft_loss + term).backward()
