@@ -424,6 +424,42 @@ class TestTraining:
         metrics = trainer.evaluate()
         assert metrics["eval_sara/js"] >= 0 and "eval_sara/js_sw" in metrics
 
+    def test_named_eval_datasets_log_their_sara_metrics_apart(self, tmp_path):
+        trainer = SARATrainer(
+            model=pairs_model(),
+            args=sara_config(tmp_path, max_steps=1),
+            train_dataset=load_pairs(),
+            eval_dataset={"sw": load_pairs().select(range(4)), "hi": load_pairs().select(range(8, 12))},
+            processing_class=pairs_tokenizer(),
+        )
+        trainer.train()
+        metrics = trainer.evaluate()
+        assert {"eval_sw_loss", "eval_sw_sara/js", "eval_hi_loss", "eval_hi_sara/js"} <= set(metrics)
+        assert metrics["eval_sw_sara/js"] != metrics["eval_hi_sara/js"]
+        assert not any(key.startswith("eval_sara/") for key in metrics)
+
+    def test_non_finite_routing_is_refused_naming_the_layers(self, tmp_path):
+        model = pairs_model()
+        with torch.no_grad():
+            model.model.layers[2].mlp.gate.weight[0, 0] = float("nan")
+        online = SARATrainer(
+            model=model,
+            args=sara_config(tmp_path / "online", max_steps=1, sara_anchor_mode="online"),
+            train_dataset=load_pairs(),
+            processing_class=pairs_tokenizer(),
+        )
+        with pytest.raises(RuntimeError, match=r"routing of MoE layer\(s\) \[2, 3\] is not finite .* Lower the"):
+            online.train()
+        offline = SARATrainer(
+            model=model,
+            args=sara_config(tmp_path / "offline", max_steps=1),
+            train_dataset=load_pairs(),
+            processing_class=pairs_tokenizer(),
+        )
+        with pytest.raises(ValueError, match=r"routing of the anchors of row\(s\) \[0, 1, 2, 3\] of the train"):
+            offline.train()
+        assert not (tmp_path / "offline" / "sara_anchors.safetensors").exists()
+
     def test_generate_works_after_training(self, tmp_path):
         model = pairs_model()
         trainer = SARATrainer(

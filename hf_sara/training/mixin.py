@@ -717,6 +717,7 @@ class SARAMixin:
         sums = self.accelerator.gather(sums[None]).sum(0)
         num_layers = len(layers)
         per_layer, per_language = sums[:num_layers], sums[num_layers : num_layers + num_languages]
+        self._check_finite(per_layer.tolist())
         count, language_counts = sums[num_layers + num_languages + 1], sums[num_layers + num_languages + 2 :]
         metrics = self._sara_metrics[mode]
         if count > 0:
@@ -732,6 +733,28 @@ class SARAMixin:
             metrics["sara/anchor_sft_loss"].append(
                 self.accelerator.gather(anchor_sft_loss.detach()[None]).mean().item()
             )
+
+    def _check_finite(self, per_layer: list[float]) -> None:
+        """
+        Refuses a step whose routing is not finite (NaN or infinite router scores: the alignment loss and its gradient
+        would be NaN). Under fp16 the loss scaler skips such steps, so it is a warning there. Read from the sums the
+        logs gather anyway: no extra device synchronisation.
+        """
+        bad = [
+            layer for layer, value in zip(self._sara_layer_indices, per_layer, strict=True) if not math.isfinite(value)
+        ]
+        if not bad:
+            return
+        message = (
+            f"The routing of MoE layer(s) {bad} is not finite (NaN or infinite router scores) at step "
+            f"{self.state.global_step}, so the SARA loss and its gradient are NaN: the model's weights or activations "
+            "hold NaN or infinity (a learning rate too high, fp16 overflow, a damaged checkpoint). Lower the learning "
+            "rate, train in bf16 or fp32, or check the weights you started from."
+        )
+        if self.args.fp16:
+            logger.warning(message + " The fp16 loss scaler skips this step.")
+            return
+        raise RuntimeError(message)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Adds the SARA metrics recorded since the last log, averaged, to `logs` (`<prefix>_sara/...` in

@@ -108,6 +108,24 @@ class AnchorTable:
         return torch.tensor(self.rows[ROW_COLUMN], dtype=torch.long) - self.offset
 
 
+def _check_finite_routing(pooled: torch.Tensor, row_ids: torch.Tensor, tables: dict[str, AnchorTable]) -> None:
+    """Refuses anchors whose routing is not finite: the model's routers score NaN or infinity on them."""
+    finite = torch.isfinite(pooled).flatten(1).all(1)
+    if bool(finite.all()):
+        return
+    bad = row_ids[~finite].tolist()
+    where = []
+    for name, table in tables.items():
+        rows = [row - table.offset for row in bad if table.offset <= row < table.offset + table.size]
+        if rows:
+            where.append(f"row(s) {rows[:10]} of the {name} dataset")
+    raise ValueError(
+        f"The model's routing of the anchors of {', '.join(where)} is not finite (NaN or infinite router scores), so "
+        "no offline anchor can be computed from it: the model's weights hold NaN or infinity (a damaged checkpoint, "
+        "an earlier training that diverged). Check the weights you start from."
+    )
+
+
 class OfflineAnchors:
     """
     The offline anchors of a trainer's datasets, read from their memory-mapped file: a process holds only the rows of
@@ -280,8 +298,9 @@ class OfflineAnchors:
             try:
                 for round_ in progress:
                     computed += round_.computed
+                    pooled, row_ids = round_.values  # gathered on every rank: every rank refuses alike
+                    _check_finite_routing(pooled, row_ids, tables)
                     if write:
-                        pooled, row_ids = round_.values
                         if writer is None:
                             writer = cls._writer(path, tables, metadata, num_layers, pooled.shape[-1])
                         cls._write_rows(writer, tables, pooled.cpu(), row_ids.cpu())
