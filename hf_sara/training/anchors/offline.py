@@ -12,7 +12,6 @@ import torch
 from datasets import Dataset
 from torch import nn
 from transformers.utils import logging
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ...distributed import deal_batches, rank_batches
 from ...routing.capture import capture_routing, eval_mode
@@ -40,6 +39,8 @@ def flags_key(name: str) -> str:
 
 def _default_collator(model: nn.Module) -> Callable:
     pad_token_id = getattr(model.config.get_text_config(), "pad_token_id", None) or 0
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # only here: the mixin needs no TRL
+
     return DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
 
 
