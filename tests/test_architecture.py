@@ -73,6 +73,11 @@ def test_import_hf_sara_loads_no_trainer():
     assert not {"trl", "peft", "torch"} & loaded
 
 
+def test_the_mixin_for_any_trainer_loads_no_trl():
+    loaded = _modules_after("from hf_sara import SARAMixin, SARATrainingArguments")
+    assert "trl" not in loaded
+
+
 def test_the_command_lines_help_loads_no_torch():
     loaded = _modules_after("from hf_sara.cli import main\nmain(['--help'])")
     assert not {"torch", "trl", "peft"} & loaded
