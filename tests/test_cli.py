@@ -169,6 +169,10 @@ class TestTrainAnchorsAnalyze:
         code = main(["analyze", "--model", str(tmp_path / "missing"), "--output-dir", str(output_dir)])
         _assert_one_line_error(capsys, code, "not found")
         assert not output_dir.exists()
+        # A name that is no model (was: "The model nomodel has a tokenizer: save the tokenizer ...").
+        code = main(["analyze", "--model", "nomodel", "--output-dir", str(output_dir)])
+        _assert_one_line_error(capsys, code, "The model nomodel was not found")
+        assert not output_dir.exists()
 
     def test_dense_model_is_refused(self, tmp_path, small_pairs, capsys):
         from transformers import LlamaConfig, LlamaForCausalLM
