@@ -174,6 +174,20 @@ class TestTrainAnchorsAnalyze:
         _assert_one_line_error(capsys, code, "The model nomodel was not found")
         assert not output_dir.exists()
 
+    def test_analyze_refuses_an_adapter_of_another_base(self, tmp_path, tiny_model_dir, capsys):
+        # Was: measured without a word (the same shapes); the check of `hf-sara merge` and `eval`.
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        other = save_tiny_model(str(tmp_path / "other"), seed=5)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(other), lora).save_pretrained(str(tmp_path / "adapter"))
+        output_dir = tmp_path / "out"
+        code = main(["analyze", "--model", tiny_model_dir, "--adapter", str(tmp_path / "adapter"), "--output-dir",
+                     str(output_dir)])  # fmt: skip
+        _assert_one_line_error(capsys, code, f"was trained on '{other}'")
+        assert not output_dir.exists()
+
     def test_dense_model_is_refused(self, tmp_path, small_pairs, capsys):
         from transformers import LlamaConfig, LlamaForCausalLM
 

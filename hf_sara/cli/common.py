@@ -79,12 +79,25 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapter_use: str) -> No
     """`--model` and `--adapter`, as the commands that compare a base model with its adapter take them."""
     parser.add_argument("--model", required=True, help="model name or path (the base model when --adapter is given)")
     parser.add_argument("--adapter", help=f"a PEFT adapter (name or path) to {adapter_use}")
+    parser.add_argument(
+        "--allow-base-name-mismatch",
+        action="store_true",
+        help="accept a --model named otherwise than in the adapter's config (a copy of it); shapes are still checked",
+    )
 
 
 def check_model_references(args: argparse.Namespace) -> None:
     """Refuses a `--model` or `--adapter` written as a local path that does not exist, before anything is loaded."""
     check_local_reference(args.model, "model")
     check_local_reference(args.adapter, "adapter")
+
+
+def check_adapter(args: argparse.Namespace) -> None:
+    """Refuses an `--adapter` not made for `--model` (the check `hf-sara merge` makes), before any weight loads."""
+    if args.adapter is not None:
+        from ..tools.merge import check_adapter_fits_base
+
+        check_adapter_fits_base(args.model, args.adapter, args.allow_base_name_mismatch, lora_only=False)
 
 
 def default_device() -> str:

@@ -198,10 +198,12 @@ def check_adapter_fits_base(
     adapter: str,
     allow_base_name_mismatch: bool = False,
     trust_remote_code: bool = False,
+    lora_only: bool = True,
 ) -> tuple[str, PeftConfig, PretrainedConfig]:
     """
     Checks, without loading any weight, that `adapter` is a LoRA adapter made for `base_model`, and refuses it
-    otherwise (PEFT itself loads an adapter made for a deeper model into a shallower one without a word).
+    otherwise (PEFT itself loads an adapter made for a deeper model into a shallower one without a word). The one
+    check of every command that takes a base and an adapter: `hf-sara merge`, `eval` and `analyze`.
 
     An adapter is for this base when:
 
@@ -228,6 +230,8 @@ def check_adapter_fits_base(
             Accept a base whose name differs from the adapter's record (a local copy of it); checks 2 and 3 still run.
         trust_remote_code (`bool`, *optional*, defaults to `False`):
             Passed to transformers for models with remote code.
+        lora_only (`bool`, *optional*, defaults to `True`):
+            Refuse adapters of other PEFT kinds (merging handles LoRA only; evaluating and analysing take any).
 
     Returns:
         `tuple[str, PeftConfig, PretrainedConfig]`: the base model's name, the adapter's config, the base's config.
@@ -236,7 +240,7 @@ def check_adapter_fits_base(
         `ValueError`: naming what does not match and the fix.
     """
     peft_config = _read_adapter_config(adapter)
-    if peft_config.peft_type != "LORA":
+    if lora_only and peft_config.peft_type != "LORA":
         raise ValueError(
             f"{adapter} is a {peft_config.peft_type} adapter; hf_sara merges LoRA adapters (peft_type LORA). Use "
             "PEFT's own `merge_and_unload()` for other kinds."
@@ -252,7 +256,7 @@ def check_adapter_fits_base(
     elif recorded and not _same_model(recorded, base_model) and not allow_base_name_mismatch:
         raise ValueError(
             f"The adapter {adapter} was trained on {recorded!r} (base_model_name_or_path in its adapter_config.json), "
-            f"not on {base_model!r}. Merge it into the model it was trained on; if {base_model!r} is a copy of that "
+            f"not on {base_model!r}. Use it with the model it was trained on; if {base_model!r} is a copy of that "
             "model under another name, pass `allow_base_name_mismatch=True` (`--allow-base-name-mismatch`): the "
             "modules and shapes are checked either way."
         )
@@ -271,7 +275,7 @@ def check_adapter_fits_base(
     if made_on and made_on != type(skeleton).__name__:
         raise ValueError(
             f"The adapter {adapter} was made for a {made_on} (auto_mapping in its adapter_config.json), but "
-            f"{base_model} is a {type(skeleton).__name__}. Merge it into the model it was trained on."
+            f"{base_model} is a {type(skeleton).__name__}. Use it with the model it was trained on."
         )
     applied = copy.deepcopy(peft_config)
     applied.base_model_name_or_path = None  # get_peft_model records the skeleton's name (and warns when it differs)
@@ -280,7 +284,7 @@ def check_adapter_fits_base(
         expected = get_peft_model_state_dict(get_peft_model(skeleton, applied))
     except ValueError as error:  # PEFT: "Target modules ... not found in the base model", ...
         raise ValueError(
-            f"The adapter {adapter} does not fit {base_model}: {' '.join(str(error).split())} Merge it into the "
+            f"The adapter {adapter} does not fit {base_model}: {' '.join(str(error).split())} Use it with the "
             "model it was trained on."
         ) from None
     stored = _load_adapter_weights(adapter, getattr(skeleton, "_checkpoint_conversion_mapping", None) or None)
@@ -295,8 +299,8 @@ def check_adapter_fits_base(
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise ValueError(
             f"The adapter {adapter} was not made for {base_model} ({len(problems)} mismatch(es): {shown}). It was "
-            f"trained on a model of another architecture or size{f' ({recorded})' if recorded else ''}: merge it "
-            "into that model."
+            f"trained on a model of another architecture or size{f' ({recorded})' if recorded else ''}: use it "
+            "with that model."
         )
     return base_model, peft_config, base_config
 

@@ -138,17 +138,26 @@ def evaluate_and_report(
     output_dir: str,
     settings: EvalSettings,
     log: Callable[[str], None] = print,
+    allow_base_name_mismatch: bool = False,
 ) -> tuple[dict[str, dict[str, LanguageScore]], dict[str, str]]:
     """
     Evaluates a model, or a base model and its PEFT adapter, on `sources` and writes the report into `output_dir`.
 
-    Task names are checked before the model is loaded; local files are validated and written as harness tasks into
+    An adapter not made for the base is refused before any weight loads ([`check_adapter_fits_base`]: its recorded
+    base, class, modules and shapes; `allow_base_name_mismatch` accepts a base named otherwise). Task names are
+    checked before the model is loaded; local files are validated and written as harness tasks into
     `<output_dir>/harness_tasks` (so `lm_eval --include_path` reproduces the run); nothing is left in `output_dir`
     when the evaluation fails and `output_dir` did not exist before.
 
     Returns:
         `tuple`: the scores per model (`"model"`, or `"base"` and `"adapter"`) and language, and the report's paths.
     """
+    if adapter is not None:
+        from ..merge import check_adapter_fits_base
+
+        check_adapter_fits_base(
+            model_name, adapter, allow_base_name_mismatch, settings.trust_remote_code, lora_only=False
+        )
     tasks_dir = os.path.join(output_dir, "harness_tasks")
     task_manager = task_manager_for()
     check_task_names(sources, task_manager)  # before loading the model, which can take minutes
