@@ -43,13 +43,45 @@ def batch_size(value: str) -> int | str:
 
 
 def device(value: str) -> str:
+    """A torch device this machine has: `cpu`, `cuda[:N]` with CUDA and that many GPUs, `mps` on Apple silicon."""
     import torch
 
     try:
-        torch.device(value)
+        parsed = torch.device(value)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "meta":
+        raise argparse.ArgumentTypeError("'meta' holds no weights and computes nothing: choose cpu or cuda")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: this machine has no CUDA GPU (or torch was built without CUDA); use cpu"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: this machine has no Apple MPS device; use cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{value!r}: hf-sara runs on cpu, cuda or mps")
     return value
+
+
+def option_value(option: str, value, parse, expected: str):
+    """
+    `value` of `option` checked by one of the argument types above (for options an argparse parser did not check, such
+    as those of a dataclass parser), or a one-line [`CommandError`] naming the option.
+    """
+    if value is None:
+        return None
+    try:
+        return parse(str(value))
+    except argparse.ArgumentTypeError as error:
+        raise CommandError(f"argument {option}: {error}") from None
+    except ValueError:
+        raise CommandError(f"argument {option}: {expected}, not {value!r}") from None
 
 
 _DATA_FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt")
