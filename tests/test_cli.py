@@ -108,6 +108,37 @@ class TestPairs:
         assert not output.exists()
         assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
+    def test_a_json_table_is_read_as_json(self, tmp_path):
+        # Was: "line 1: not valid JSON" for one valid JSON object over several lines.
+        table = tmp_path / "table.json"
+        table.write_text(json.dumps({"en": ["Water", "Fire"], "sw": ["Maji", "Moto"]}, indent=2), encoding="utf-8")
+        listed = tmp_path / "listed.json"
+        listed.write_text(json.dumps([{"en": "Water", "sw": "Maji"}], indent=2), encoding="utf-8")
+        for path, expected in ((table, [("Maji", "Water"), ("Moto", "Fire")]), (listed, [("Maji", "Water")])):
+            output = tmp_path / f"{path.stem}.jsonl"
+            assert main(["pairs", "--multilingual", str(path), "--output", str(output)]) == 0
+            rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+            assert [(row["text"], row["anchor_text"]) for row in rows] == expected
+
+    def test_self_anchors_and_repeated_columns_are_refused(self, tmp_path, capsys):
+        (tmp_path / "en.txt").write_text("Water\nFire\n", encoding="utf-8")
+        output = tmp_path / "out.jsonl"
+        english = str(tmp_path / "en.txt")
+        # Were: English anchored to itself; the first `sw` column dropped without a word.
+        code = main(["pairs", "--aligned", english, english, "--language", "en", "--output", str(output)])
+        _assert_one_line_error(capsys, code, "--language en is the anchor language")
+        code = main(["pairs", "--aligned", english, english, "--language", "sw", "--output", str(output)])
+        _assert_one_line_error(capsys, code, "SOURCE and ANCHOR are the same file")
+        tsv = tmp_path / "corpus.tsv"
+        tsv.write_text("en\tsw\tsw\nWater\tMaji\tMaji!\n", encoding="utf-8")
+        code = main(["pairs", "--multilingual", str(tsv), "--output", str(output)])
+        _assert_one_line_error(capsys, code, "names the column(s) ['sw'] more than once")
+        jsonl = tmp_path / "corpus.jsonl"
+        jsonl.write_text('{"en": "Water", "sw": "Maji", "sw": "Maji!"}\n', encoding="utf-8")
+        code = main(["pairs", "--multilingual", str(jsonl), "--output", str(output)])
+        _assert_one_line_error(capsys, code, "line 1: an object names the key(s) ['sw'] more than once")
+        assert not output.exists()
+
 
 class TestTrainAnchorsAnalyze:
     def test_train_then_analyze_the_adapter(self, tmp_path, tiny_model_dir, small_pairs, capsys):

@@ -286,7 +286,7 @@ class TestCommandLine:
     @pytest.mark.parametrize(
         "content, expected",
         [
-            ('{"a": 1}\n{bad json\n', "cannot read"),
+            ('{"a": 1}\n{bad json\n', "data.jsonl, line 2: not valid JSON"),  # was: pyarrow's 0-based "row 1"
             ("", "is empty: there is no row to read"),
             ("[1, 2]\n[3, 4]\n", "each row must be one object"),
         ],

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ..files.records import record_format
+from ..files.records import read_records, record_format
 
 if TYPE_CHECKING:
     import torch
@@ -98,6 +98,14 @@ def load_dataset_dict(name: str, config: str | None = None):
         try:
             dataset = load_dataset(builder, data_files=name, split="train", **extra)
         except Exception as error:  # the builders raise many kinds (DatasetGenerationError, ArrowInvalid, ...)
+            if builder == "json":  # pyarrow names a 0-based row of its block: find the line an editor shows
+                try:
+                    read_records(name)
+                except ValueError as located:
+                    raise ValueError(
+                        f"cannot read {name} as a JSON dataset ({' '.join(str(located).split())}); each row must be "
+                        "one object with the same columns (JSONL: one JSON object per line)"
+                    ) from None
             cause = error.__cause__ or error
             reason = " ".join(str(cause).split())[:300] or type(cause).__name__
             raise ValueError(
