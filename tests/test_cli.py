@@ -205,6 +205,26 @@ class TestTrainAnchorsAnalyze:
         _assert_one_line_error(capsys, code, "The model nomodel was not found")
         assert not output_dir.exists()
 
+    def test_a_bad_layer_selection_is_refused_before_anything_is_prepared(self, tmp_path, tiny_model_dir, capsys,
+                                                                          monkeypatch):  # fmt: skip
+        # Was: refused after the datasets were prepared, leaving an empty output folder.
+        from hf_sara.tools import loading
+
+        read = []
+        monkeypatch.setattr(loading, "load_dataset_dict", lambda *args, **kwargs: read.append(args) or 1 / 0)
+        output_dir = tmp_path / "out"
+        for layers, message in (("seven", "Cannot read 'seven'"), ("5-2", "ends before it starts")):
+            code = main(["train", "--model_name_or_path", tiny_model_dir, "--dataset_name", "unused.jsonl",
+                         "--output_dir", str(output_dir), "--sara_layers", layers, *TRAIN_FLAGS])  # fmt: skip
+            _assert_one_line_error(capsys, code, message)
+        assert read == [] and not output_dir.exists()
+        monkeypatch.undo()
+        pairs = os.path.join(os.path.dirname(__file__), "data", "pairs.jsonl")
+        code = main(["train", "--model_name_or_path", tiny_model_dir, "--dataset_name", pairs, "--output_dir",
+                     str(output_dir), "--sara_layers", "9", *TRAIN_FLAGS])  # fmt: skip
+        _assert_one_line_error(capsys, code, "Layer 9 in the layer selection '9' is out of range")
+        assert not output_dir.exists()
+
     def test_analyze_refuses_an_adapter_of_another_base(self, tmp_path, tiny_model_dir, capsys):
         # Was: measured without a word (the same shapes); the check of `hf-sara merge` and `eval`.
         from peft import LoraConfig, get_peft_model
