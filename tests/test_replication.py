@@ -118,6 +118,7 @@ def test_arms_trained_from_other_settings_or_another_base_are_not_reused(replica
         (["--harness_limit", "-3"], "argument --harness_limit: must be a positive number"),
         # A missing file was taken for a harness task name ("no task or group '/path/missing.jsonl'").
         (["--benchmarks", "global_mmlu:sw=/path/missing.jsonl"], "evaluation file /path/missing.jsonl not found"),
+        (["--harness_num_fewshot", "20"], "has 8 questions, too few for 20 few-shot examples"),  # was: after training
     ],
 )
 def test_bad_evaluation_options_are_refused_before_anything_is_written(tmp_path, capsys, flags, message):

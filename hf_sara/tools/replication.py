@@ -30,6 +30,7 @@ from .analysis import RoutingReport, analyze_routing, write_report
 from .evaluation.local_files import load_eval_file, sample_eval_files
 from .evaluation.run import EvalSettings, evaluate_and_report
 from .evaluation.sources import parse_sources
+from .evaluation.tasks import check_few_shot
 from .pairs import split_by_item
 from .reporting import markdown_table, write_csv
 
@@ -134,8 +135,8 @@ class Replication:
                 [spec for spec in specs if not _is_file(spec)], [spec for spec in specs if _is_file(spec)]
             )
             for source in self.sources[benchmark]:
-                if source.path is not None:  # missing or malformed files refused now, not after the training
-                    load_eval_file(source.path)
+                if source.path is not None:  # missing, malformed or too short files refused now, not after training
+                    check_few_shot(source.path, len(load_eval_file(source.path)[1]), eval_settings.num_fewshot)
         if analysis_pairs is not None:  # checked now, not after hours of training
             paired_format = detect_paired_format(analysis_pairs.column_names, training_args.anchor_prefix)
             plain_texts(anchored_subset(analysis_pairs, paired_format).select([0]), paired_format)

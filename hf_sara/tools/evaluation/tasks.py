@@ -27,6 +27,15 @@ def require_lm_eval():
     return lm_eval
 
 
+def check_few_shot(path: str, questions: int, num_fewshot: int | None) -> None:
+    """Refuses more few-shot examples than a local file has other questions (the harness draws them from it)."""
+    if num_fewshot is not None and num_fewshot > questions - 1:
+        raise EvalFileError(
+            f"{path} has {questions} questions, too few for {num_fewshot} few-shot examples (they are other questions "
+            f"of the same file): use at most {questions - 1}, or a larger file"
+        )
+
+
 def write_local_tasks(sources: Sequence[EvalSource], directory: str, num_fewshot: int | None = None) -> list[str]:
     """
     Validates each local file and writes, into `directory`, its rows as JSONL and a harness task YAML that includes
@@ -35,11 +44,7 @@ def write_local_tasks(sources: Sequence[EvalSource], directory: str, num_fewshot
     """
     local = [(source, *load_eval_file(source.path)) for source in sources if source.path is not None]
     for source, _, rows in local:
-        if num_fewshot is not None and num_fewshot > len(rows) - 1:
-            raise EvalFileError(
-                f"{source.path} has {len(rows)} questions, too few for {num_fewshot} few-shot examples (they are "
-                f"other questions of the same file): use at most {len(rows) - 1}, or a larger file"
-            )
+        check_few_shot(source.path, len(rows), num_fewshot)
     if local:
         os.makedirs(directory, exist_ok=True)
     written = []
