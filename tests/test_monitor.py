@@ -398,5 +398,7 @@ def test_bad_pairs_are_refused_naming_the_dataset_row(tmp_path):
     beyond[3]["anchor_input_ids"] = [8, vocab_size]
     with pytest.raises(ValueError, match=r"Row\(s\) \[3\] of the pairs have anchor token ids outside the model's"):
         RoutingDivergenceCallback(trainer, Dataset.from_list(beyond), plot=False)
+    with pytest.raises(ValueError, match=r"Row\(s\) \[3\] of the pairs have anchor token ids outside"):  # the same
+        analyze_routing(patch_model(pairs_model()), pairs_tokenizer(), Dataset.from_list(beyond))
     with pytest.raises(ValueError, match=r"DatasetDict .*pass one split"):
         RoutingDivergenceCallback(trainer, DatasetDict({"train": load_pairs()}), plot=False)

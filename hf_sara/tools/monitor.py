@@ -26,7 +26,7 @@ from ..routing.layers import LayerSelection, resolve_layers
 from ..routing.patching import get_routing_state, patch_model, unpatch_model
 from ..training.paired_data import DEFAULT_ANCHOR_PREFIX, TEXT_FIELD, detect_paired_format
 from .analysis import plot_layer_divergence
-from .paired_routing import RoutingReport, encode_pairs, measure_pairs
+from .paired_routing import RoutingReport, encode_pairs, measure_pairs, model_vocab_size
 
 logger = logging.get_logger(__name__)
 
@@ -149,7 +149,7 @@ class RoutingDivergenceCallback(TrainerCallback):
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         if tokenizer is None:
             raise ValueError("The trainer has no `processing_class` (tokenizer) to tokenize the pairs with.")
-        self._pairs = encode_pairs(pairs, paired_format, tokenizer, max_length, _vocab_size(trainer.model))
+        self._pairs = encode_pairs(pairs, paired_format, tokenizer, max_length, model_vocab_size(trainer.model))
 
         # The layers, checked now rather than at the first measurement.
         state = get_routing_state(trainer.model)
@@ -299,11 +299,3 @@ class RoutingDivergenceCallback(TrainerCallback):
                     f"RoutingDivergenceCallback could not write its figure {path} ({error}); the training and the "
                     "logged routing values are unaffected. Free that path (or pass `plot=False`) to get the figure."
                 )
-
-
-def _vocab_size(model: nn.Module) -> int | None:
-    """The number of token ids the model embeds (its input embeddings' rows), or `None` when it cannot tell."""
-    try:
-        return model.get_input_embeddings().num_embeddings
-    except (AttributeError, NotImplementedError):
-        return None

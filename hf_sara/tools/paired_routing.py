@@ -175,6 +175,14 @@ def encode_pairs(
     return pairs
 
 
+def model_vocab_size(model: nn.Module) -> int | None:
+    """The number of token ids a model embeds (its input embeddings' rows), or `None` when it cannot tell."""
+    try:
+        return model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def _shown(rows: list[int], limit: int = 10) -> str:
     return str(rows[:limit]) + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
