@@ -57,7 +57,7 @@ def load_tokenizer_with_source(
     if (tokenizer := find_tokenizer(model, **revision, **kwargs)) is not None:
         return tokenizer, "base model"
     if not os.path.exists(os.path.expanduser(model)):
-        _check_model_exists(model, revision)
+        _check_model_exists(model, {**revision, **kwargs})
     where = f"Neither the adapter {adapter} nor the model {model} has a" if adapter else f"The model {model} has no"
     raise ValueError(
         f"{where} tokenizer: save the tokenizer used in training next to the weights "
@@ -65,13 +65,13 @@ def load_tokenizer_with_source(
     )
 
 
-def _check_model_exists(model: str, revision: dict) -> None:
+def _check_model_exists(model: str, kwargs: dict) -> None:
     """Refuses a model name that is neither a local folder nor a model on the Hub (or in its local cache)."""
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(model, **revision)
-    except (OSError, ValueError) as error:
+        AutoConfig.from_pretrained(model, **kwargs)
+    except OSError as error:  # transformers reports a missing model, an invalid name or no connection as OSError
         raise ValueError(
             f"The model {model} was not found: it is neither a local folder nor a model on the Hub (or in its local "
             f"cache; {' '.join(str(error).split())[:150]}). Check the name or path."

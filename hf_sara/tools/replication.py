@@ -164,8 +164,9 @@ class Replication:
                 digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
             self._data_digest = digest.hexdigest()
         settings = {name: getattr(self.training_args, name, None) for name in TRAINING_SETTINGS}
+        model = self.model_name  # a local folder by its real path, however it is written
         identity = {
-            "model": self.model_name,
+            "model": os.path.realpath(model) if os.path.isdir(model) else model,
             "model_kwargs": self.model_kwargs,
             "data": self._data_digest,
             "arm": ARMS[arm],
