@@ -81,17 +81,24 @@ class TestAnchorFile:
             (lambda path: path.write_bytes(b""), "fewer than a header"),
             (lambda path: path.write_bytes(os.urandom(4096)), "header"),
             (lambda path: path.write_bytes(path.read_bytes()[:-100]), "does not fit"),
-            (lambda path: (path.unlink(), path.mkdir()), "it is a directory"),
         ],
-        ids=["empty", "random", "cut", "directory"],
+        ids=["empty", "random", "cut"],
     )
     def test_a_damaged_file_is_refused_with_its_path_and_the_fix(self, tmp_path, damage, problem):
         path = tmp_path / "anchors.safetensors"
         with AnchorFileWriter(path, {"a.distributions": ((8, 2, 4), torch.float32)}, METADATA) as writer:
             writer.commit()
         damage(path)
-        with pytest.raises(ValueError, match=f"{path}.*{problem}.*remove it to recompute"):
+        with pytest.raises(ValueError, match=f"{path}.*{problem}.*If it is an anchors file hf_sara wrote.*remove it"):
             MappedAnchorFile(path)
+
+    def test_a_folder_is_never_to_be_removed(self, tmp_path):
+        # Was: "it is a directory ... remove it to recompute the anchors": that folder may hold the model and data.
+        with pytest.raises(
+            ValueError, match="is a folder, not an anchors file: point `sara_anchor_path` at a file"
+        ) as error:
+            MappedAnchorFile(tmp_path)
+        assert "remove" not in str(error.value) and "delete" not in str(error.value)
 
 
 class TestOfflineAnchors:

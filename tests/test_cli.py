@@ -108,6 +108,37 @@ class TestPairs:
         assert not output.exists()
         assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
+    def test_a_json_table_is_read_as_json(self, tmp_path):
+        # Was: "line 1: not valid JSON" for one valid JSON object over several lines.
+        table = tmp_path / "table.json"
+        table.write_text(json.dumps({"en": ["Water", "Fire"], "sw": ["Maji", "Moto"]}, indent=2), encoding="utf-8")
+        listed = tmp_path / "listed.json"
+        listed.write_text(json.dumps([{"en": "Water", "sw": "Maji"}], indent=2), encoding="utf-8")
+        for path, expected in ((table, [("Maji", "Water"), ("Moto", "Fire")]), (listed, [("Maji", "Water")])):
+            output = tmp_path / f"{path.stem}.jsonl"
+            assert main(["pairs", "--multilingual", str(path), "--output", str(output)]) == 0
+            rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+            assert [(row["text"], row["anchor_text"]) for row in rows] == expected
+
+    def test_self_anchors_and_repeated_columns_are_refused(self, tmp_path, capsys):
+        (tmp_path / "en.txt").write_text("Water\nFire\n", encoding="utf-8")
+        output = tmp_path / "out.jsonl"
+        english = str(tmp_path / "en.txt")
+        # Were: English anchored to itself; the first `sw` column dropped without a word.
+        code = main(["pairs", "--aligned", english, english, "--language", "en", "--output", str(output)])
+        _assert_one_line_error(capsys, code, "--language en is the anchor language")
+        code = main(["pairs", "--aligned", english, english, "--language", "sw", "--output", str(output)])
+        _assert_one_line_error(capsys, code, "SOURCE and ANCHOR are the same file")
+        tsv = tmp_path / "corpus.tsv"
+        tsv.write_text("en\tsw\tsw\nWater\tMaji\tMaji!\n", encoding="utf-8")
+        code = main(["pairs", "--multilingual", str(tsv), "--output", str(output)])
+        _assert_one_line_error(capsys, code, "names the column(s) ['sw'] more than once")
+        jsonl = tmp_path / "corpus.jsonl"
+        jsonl.write_text('{"en": "Water", "sw": "Maji", "sw": "Maji!"}\n', encoding="utf-8")
+        code = main(["pairs", "--multilingual", str(jsonl), "--output", str(output)])
+        _assert_one_line_error(capsys, code, "line 1: an object names the key(s) ['sw'] more than once")
+        assert not output.exists()
+
 
 class TestTrainAnchorsAnalyze:
     def test_train_then_analyze_the_adapter(self, tmp_path, tiny_model_dir, small_pairs, capsys):
@@ -168,6 +199,44 @@ class TestTrainAnchorsAnalyze:
             assert not output_dir.exists()
         code = main(["analyze", "--model", str(tmp_path / "missing"), "--output-dir", str(output_dir)])
         _assert_one_line_error(capsys, code, "not found")
+        assert not output_dir.exists()
+        # A name that is no model (was: "The model nomodel has a tokenizer: save the tokenizer ...").
+        code = main(["analyze", "--model", "nomodel", "--output-dir", str(output_dir)])
+        _assert_one_line_error(capsys, code, "The model nomodel was not found")
+        assert not output_dir.exists()
+
+    def test_a_bad_layer_selection_is_refused_before_anything_is_prepared(self, tmp_path, tiny_model_dir, capsys,
+                                                                          monkeypatch):  # fmt: skip
+        # Was: refused after the datasets were prepared, leaving an empty output folder.
+        from hf_sara.tools import loading
+
+        read = []
+        monkeypatch.setattr(loading, "load_dataset_dict", lambda *args, **kwargs: read.append(args) or 1 / 0)
+        output_dir = tmp_path / "out"
+        for layers, message in (("seven", "Cannot read 'seven'"), ("5-2", "ends before it starts")):
+            code = main(["train", "--model_name_or_path", tiny_model_dir, "--dataset_name", "unused.jsonl",
+                         "--output_dir", str(output_dir), "--sara_layers", layers, *TRAIN_FLAGS])  # fmt: skip
+            _assert_one_line_error(capsys, code, message)
+        assert read == [] and not output_dir.exists()
+        monkeypatch.undo()
+        pairs = os.path.join(os.path.dirname(__file__), "data", "pairs.jsonl")
+        code = main(["train", "--model_name_or_path", tiny_model_dir, "--dataset_name", pairs, "--output_dir",
+                     str(output_dir), "--sara_layers", "9", *TRAIN_FLAGS])  # fmt: skip
+        _assert_one_line_error(capsys, code, "Layer 9 in the layer selection '9' is out of range")
+        assert not output_dir.exists()
+
+    def test_analyze_refuses_an_adapter_of_another_base(self, tmp_path, tiny_model_dir, capsys):
+        # Was: measured without a word (the same shapes); the check of `hf-sara merge` and `eval`.
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        other = save_tiny_model(str(tmp_path / "other"), seed=5)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(other), lora).save_pretrained(str(tmp_path / "adapter"))
+        output_dir = tmp_path / "out"
+        code = main(["analyze", "--model", tiny_model_dir, "--adapter", str(tmp_path / "adapter"), "--output-dir",
+                     str(output_dir)])  # fmt: skip
+        _assert_one_line_error(capsys, code, f"was trained on '{other}'")
         assert not output_dir.exists()
 
     def test_dense_model_is_refused(self, tmp_path, small_pairs, capsys):

@@ -11,9 +11,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_sara.cli import main
-from hf_sara.testing import save_tiny_model
+from hf_sara.testing import save_tiny_model, tiny_config
 from hf_sara.tools.evaluation.local_files import GLOBAL_MMLU, M3KE, EvalFileError, load_eval_file, sample_eval_files
-from hf_sara.tools.evaluation.run import evaluate_model
+from hf_sara.tools.evaluation.run import EvalSettings, evaluate_model
 from hf_sara.tools.evaluation.scores import scores_from_results
 from hf_sara.tools.evaluation.sources import EvalSource, language_of_task, parse_sources
 from hf_sara.tools.evaluation.tasks import write_local_tasks
@@ -224,6 +224,51 @@ class TestCommand:
         import matplotlib.image
 
         assert matplotlib.image.imread(str(output / "accuracy.png"))[..., :3].std() > 0.05
+
+    def test_adapter_of_another_base_is_refused_before_loading(self, tiny_model_dir, tmp_path, capsys):
+        """The check `hf-sara merge` makes. Was: the same shapes evaluated without a word, other shapes a state-dict
+        traceback."""
+        other = save_tiny_model(str(tmp_path / "other"), seed=5)  # another base of the same shapes
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(other), lora).save_pretrained(str(tmp_path / "adapter"))
+        output = tmp_path / "eval"
+        args = ["eval", "--model", tiny_model_dir, "--adapter", str(tmp_path / "adapter"), "--output-dir", str(output)]
+        code = main(args)
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert code == 2 and len(errors) == 1 and f"was trained on '{other}'" in errors[0], errors
+        assert "--allow-base-name-mismatch" in errors[0] and not output.exists()
+        smaller = tiny_config("qwen3_moe")  # hidden size 32, not 64
+        AutoModelForCausalLM.from_config(smaller).save_pretrained(tmp_path / "smaller")
+        code = main([*args[:2], str(tmp_path / "smaller"), *args[3:], "--allow-base-name-mismatch"])
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert code == 2 and len(errors) == 1 and "was not made for" in errors[0], errors
+        assert not output.exists()
+
+    def test_more_few_shot_examples_than_the_file_has(self, tmp_path, capsys):
+        # Was: "Sample larger than population or is negative" from the harness, after loading the model.
+        output = tmp_path / "out"
+        sw = sample_eval_files()["sw"]
+        code = main(
+            ["eval", "--model", "unused", "--files", f"sw={sw}", "--num-fewshot", "20", "--output-dir", str(output)]
+        )
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert code == 2 and len(errors) == 1 and "has 8 questions, too few for 20 few-shot examples" in errors[0]
+        assert "use at most 7" in errors[0] and not output.exists()
+
+    @pytest.mark.parametrize(
+        "settings, match",
+        [
+            (dict(num_fewshot=-1), "num_fewshot must be an int >= 0"),
+            (dict(batch_size=0), "batch_size must be an int >= 1 or 'auto'"),
+            (dict(batch_size="eight"), "batch_size must be"),
+            (dict(limit=0), "limit must be"),
+            (dict(limit=-3.0), "limit must be"),
+            (dict(max_length=0), "max_length must be"),
+        ],
+    )
+    def test_settings_are_checked(self, settings, match):
+        with pytest.raises(ValueError, match=match):
+            EvalSettings(**settings)
 
     def test_malformed_file_is_one_line_error(self, tiny_model_dir, tmp_path, capsys):
         bad = _write_jsonl(tmp_path / "sw.jsonl", [dict(question="q", option_a="a", option_b="b", answer="A")])

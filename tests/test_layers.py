@@ -25,6 +25,23 @@ def test_resolve_layers(spec, num_layers, expected):
     assert resolve_layers(spec, num_layers) == expected
 
 
+def test_numpy_and_torch_integers_are_indices():
+    # Were refused as "not integer indices".
+    import numpy as np
+    import torch
+
+    assert resolve_layers(np.int64(2), 4) == [2]
+    assert resolve_layers(torch.tensor(2), 4) == [2]
+    assert resolve_layers(torch.tensor([1, 2]), 4) == [1, 2]
+    assert resolve_layers(np.array([3, 1]), 4) == [1, 3]
+    assert resolve_layers([np.int32(0), torch.tensor(3)], 4) == [0, 3]
+    for floats in (torch.tensor([1.0, 2.0]), np.array([0.5])):
+        with pytest.raises(ValueError, match="integer MoE-layer indices"):
+            resolve_layers(floats, 4)
+    with pytest.raises(ValueError, match="boolean|integer MoE-layer indices"):
+        resolve_layers([np.bool_(True)], 4)
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
@@ -35,6 +52,7 @@ def test_resolve_layers(spec, num_layers, expected):
         ("5-2", "ends before it starts"),
         ("1,,2", "empty item"),
         ([1.5], "integer MoE-layer indices"),
+        ([True], "integer MoE-layer indices"),
         (True, "boolean"),
     ],
 )

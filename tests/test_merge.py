@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -207,6 +208,46 @@ def test_trained_lm_head_of_tied_embeddings(tmp_path):
     assert "| tie_word_embeddings | False" in (tmp_path / "merged" / "README.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.parametrize("embedding", ["lm_head", "embed_tokens"])
+def test_lora_on_one_of_tied_embeddings(tmp_path, embedding):
+    """LoRA on the output (or input) embedding of a base that ties them: the adapter model changes that side only, so
+    the merged model unties them (merging into the shared weight changed both: logits off by 8, `tie=True` kept)."""
+    base_dir = _save_base(tmp_path / "base", "qwen3_moe", tie_word_embeddings=True)
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=[embedding, "q_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config).save_pretrained(tmp_path / "adapter")
+    merge_adapter(base_dir, str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    input_ids, attention_mask = random_batch()
+    expected = _logits(reference, input_ids, attention_mask)
+    assert (_logits(merged, input_ids, attention_mask) - expected).abs().max() < TOLERANCE
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    assert (_logits(base, input_ids, attention_mask) - expected).abs().max() > 0.1
+    assert merged.config.tie_word_embeddings is False
+    assert "| tie_word_embeddings | False" in (tmp_path / "merged" / "README.md").read_text(encoding="utf-8")
+
+
+def _damaged_copy(adapter_dir, path, damage):
+    copy = shutil.copytree(adapter_dir, path)
+    damage(copy)
+    return str(copy)
+
+
+def _cut(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _record_base(adapter_dir, base):
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    config["base_model_name_or_path"] = base
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+
+
 class TestRefusals:
     def _assert_refused(self, tmp_path, error, match, *args, **kwargs):
         output_dir = tmp_path / "merged"
@@ -301,6 +342,82 @@ class TestRefusals:
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert code == 2 and len(errors) == 1 and "hf-sara merge: error: The adapter" in errors[0]
         assert not output_dir.exists()
+
+    @pytest.mark.parametrize(
+        "damage, match",
+        [
+            (lambda folder: os.remove(folder / "adapter_model.safetensors"), "has no adapter_model.safetensors"),
+            (lambda folder: _cut(folder / "adapter_model.safetensors"), "weights in .* cannot be read"),
+            (
+                lambda folder: (folder / "adapter_model.safetensors").write_bytes(os.urandom(5000)),
+                "weights in .* cannot be read",
+            ),
+            (lambda folder: _cut(folder / "adapter_config.json"), r"adapter_config\.json is not valid JSON"),
+            (lambda folder: _record_base(str(folder), str(folder.parent / "gone")), "does not exist any more"),
+        ],
+        ids=["no weights", "cut weights", "random weights", "cut config", "recorded base gone"],
+    )
+    def test_damaged_adapter_folder_is_one_line(self, tmp_path, qwen_pair, capsys, damage, match):
+        # Were: "Repo id must be in the form ...", safetensors' traceback (exit 1), a JSON error naming no file.
+        adapter_dir = _damaged_copy(qwen_pair[1], tmp_path / "adapter", damage)
+        output_dir = tmp_path / "merged"
+        code = main(["merge", "--adapter", adapter_dir, "--output-dir", str(output_dir)])
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert code == 2 and len(errors) == 1, errors
+        assert re.search(match, errors[0]) and "Repo id" not in errors[0]
+        assert not output_dir.exists()
+
+    def test_damaged_tokenizer_in_the_adapter(self, tmp_path, qwen_pair):
+        base_dir, adapter_dir = qwen_pair
+
+        def damage(folder):
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(os.path.join(base_dir, name), folder / name)
+            _cut(folder / "tokenizer.json")
+
+        damaged = _damaged_copy(adapter_dir, tmp_path / "adapter", damage)  # was: the base's tokenizer, no word
+        self._assert_refused(tmp_path, ValueError, "tokenizer files in .* cannot be loaded", base_dir, damaged)
+
+    def test_a_merged_model_already_holds_the_adapter(self, tmp_path, qwen_pair):
+        base_dir, adapter_dir = qwen_pair
+        merge_adapter(base_dir, adapter_dir, str(tmp_path / "once"))
+        output_dir = tmp_path / "twice"  # was: the LoRA update applied twice
+        with pytest.raises(ValueError, match="already holds the adapter .* twice"):
+            merge_adapter(str(tmp_path / "once"), adapter_dir, str(output_dir), allow_base_name_mismatch=True)
+        assert not output_dir.exists()
+
+    def test_relative_recorded_base_is_taken_only_when_certain(self, tmp_path, qwen_pair, monkeypatch):
+        base_dir, adapter_dir = qwen_pair
+        relative = os.path.join("outputs", "demo", "base-model")
+        for project in ("a", "b"):
+            shutil.copytree(base_dir, tmp_path / project / relative)
+        adapter = str(tmp_path / "a" / "outputs" / "demo" / "adapter")
+        shutil.copytree(adapter_dir, adapter)
+        _record_base(adapter, relative)
+        monkeypatch.chdir(tmp_path / "b")  # another project with a base at the same relative path
+        with pytest.raises(ValueError, match="relative path .* which base it means is not certain.*--model"):
+            merge_adapter(None, adapter, str(tmp_path / "merged"))
+        assert not (tmp_path / "merged").exists()
+        monkeypatch.chdir(tmp_path / "a")  # where it was trained
+        result = merge_adapter(None, adapter, str(tmp_path / "merged"))
+        assert result.base_model == relative
+
+    def test_full_disk_leaves_nothing(self, tmp_path, qwen_pair, capsys, monkeypatch):
+        from safetensors import SafetensorError
+
+        def full(*args, **kwargs):
+            raise SafetensorError(
+                "Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                'message: "No space left on device" })'
+            )
+
+        monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", full)
+        base_dir, adapter_dir = qwen_pair
+        output_dir = tmp_path / "merged"
+        code = main(["merge", "--model", base_dir, "--adapter", adapter_dir, "--output-dir", str(output_dir)])
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert code == 2 and len(errors) == 1 and "No space left" in errors[0] and "nothing was left" in errors[0]
+        assert not output_dir.exists() and _no_leftovers(tmp_path) == []
 
 
 def test_same_model_references(tmp_path):

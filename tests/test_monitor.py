@@ -10,9 +10,15 @@ import sys
 
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorForLanguageModeling,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from trl import SFTTrainer
 
 from hf_sara import RoutingDivergenceCallback, SARATrainer, is_patched, patch_model
@@ -334,3 +340,65 @@ def test_two_processes_log_the_values_of_one(engine, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert max(differences) <= TOLERANCE, differences
+
+
+class _StopAtStep3(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise RuntimeError("another callback failed")
+
+
+def test_a_training_stopped_by_an_exception_leaves_nothing_on_the_model(tmp_path):
+    model = pairs_model()
+    trainer = SFTTrainer(
+        model=model, args=sft_config(tmp_path), train_dataset=load_pairs(), processing_class=pairs_tokenizer()
+    )
+    first_forward(model)
+    before = hooks(model)
+    trainer.add_callback(RoutingDivergenceCallback(trainer, load_pairs(), steps=1, plot=False))
+    trainer.add_callback(_StopAtStep3())
+    with pytest.raises(RuntimeError, match="another callback failed"):
+        trainer.train()
+    assert not is_patched(model)
+    assert hooks(model) == before
+
+
+def test_a_figure_that_cannot_be_written_does_not_cost_the_training(tmp_path, monkeypatch):
+    warnings = []
+    monkeypatch.setattr("hf_sara.tools.monitor.logger.warning", warnings.append)
+    (tmp_path / FIGURE_FILE_NAME).mkdir()  # a folder where the figure goes
+    trainer = SFTTrainer(
+        model=pairs_model(),
+        args=sft_config(tmp_path, max_steps=1),
+        train_dataset=load_pairs(),
+        processing_class=pairs_tokenizer(),
+    )
+    callback = RoutingDivergenceCallback(trainer, load_pairs())
+    trainer.add_callback(callback)
+    trainer.train()  # raised IsADirectoryError after the last step
+    assert sorted(callback.reports) == [0, 1]
+    assert [w for w in warnings if "could not write" in w and FIGURE_FILE_NAME in w]
+    trainer.save_model(tmp_path / "model")
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_bad_pairs_are_refused_naming_the_dataset_row(tmp_path):
+    trainer = Trainer(
+        model=pairs_model(),
+        args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+        processing_class=pairs_tokenizer(),
+    )
+    vocab_size = trainer.model.get_input_embeddings().num_embeddings
+    rows = [{"input_ids": [5, 6, 7], "anchor_input_ids": [8, 9]} for _ in range(24)]
+    empty = [dict(row) for row in rows]
+    empty[20]["input_ids"] = []
+    with pytest.raises(ValueError, match=r"Row\(s\) \[20\] of the pairs have an empty example"):
+        RoutingDivergenceCallback(trainer, Dataset.from_list(empty), plot=False)
+    beyond = [dict(row) for row in rows]
+    beyond[3]["anchor_input_ids"] = [8, vocab_size]
+    with pytest.raises(ValueError, match=r"Row\(s\) \[3\] of the pairs have anchor token ids outside the model's"):
+        RoutingDivergenceCallback(trainer, Dataset.from_list(beyond), plot=False)
+    with pytest.raises(ValueError, match=r"Row\(s\) \[3\] of the pairs have anchor token ids outside"):  # the same
+        analyze_routing(patch_model(pairs_model()), pairs_tokenizer(), Dataset.from_list(beyond))
+    with pytest.raises(ValueError, match=r"DatasetDict .*pass one split"):
+        RoutingDivergenceCallback(trainer, DatasetDict({"train": load_pairs()}), plot=False)

@@ -286,7 +286,7 @@ class TestCommandLine:
     @pytest.mark.parametrize(
         "content, expected",
         [
-            ('{"a": 1}\n{bad json\n', "cannot read"),
+            ('{"a": 1}\n{bad json\n', "data.jsonl, line 2: not valid JSON"),  # was: pyarrow's 0-based "row 1"
             ("", "is empty: there is no row to read"),
             ("[1, 2]\n[3, 4]\n", "each row must be one object"),
         ],
@@ -475,9 +475,16 @@ class TestAdversarialFindings:
             (["--device", "bogus"], "is not a torch device"),
             (["--limit", "0"], "must be a positive number"),
             (["--batch-size", "abc"], "invalid batch_size value"),
+            (["--device", "cuda"], "no CUDA GPU"),  # was: "Torch not compiled with CUDA enabled", a traceback
+            (["--device", "meta"], "'meta' holds no weights"),
+            (["--device", "mps"], "no Apple MPS device"),
         ],
     )
-    def test_eval_arguments_are_checked_before_anything_is_written(self, tmp_path, capsys, flags, message):
+    def test_eval_arguments_are_checked_before_anything_is_written(
+        self, tmp_path, capsys, monkeypatch, flags, message
+    ):
+        monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # as on a machine without CUDA
+        monkeypatch.setattr("torch.backends.mps.is_available", lambda: False)
         output = tmp_path / "eval"
         with pytest.raises(SystemExit) as exit_info:
             main(["eval", "--model", "unused", "--output-dir", str(output), *flags])

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig, SFTTrainer
+from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from hf_sara.cli import main
 from hf_sara.files.checkpoints import complete_checkpoint
@@ -77,6 +77,73 @@ def test_tiny_replication_trains_evaluates_reports_and_resumes(replication, caps
     assert "base: evaluating global_mmlu" in capsys.readouterr().out
     assert json.loads(kept_path.read_text())["depends_on"]["settings"]["limit"] is None
     assert os.stat(root / "eval" / "sara" / "global_mmlu" / "scores.json").st_mtime_ns == other_time
+
+
+def test_arms_trained_from_other_settings_or_another_base_are_not_reused(replication, tmp_path, capsys):
+    """Were: "trained already, skipped", and a table mixing the new base's scores with arms of the old one."""
+    root, command, sft_files = replication
+    assert json.loads((root / "full_ft" / "arm_settings.json").read_text())["training"]["learning_rate"] == 2e-5
+    capsys.readouterr()
+    assert main([*command, "--stage", "train", "--arms", "full_ft", "--learning_rate", "0.5"]) == 2
+    error = capsys.readouterr().err
+    assert "The arm full_ft in" in error and "learning_rate: 2e-05 there, 0.5 now" in error
+    assert _mtimes(root, "full_ft") == sft_files  # kept as it was
+
+    from hf_sara import SARAConfig
+    from hf_sara.tools.evaluation.run import EvalSettings
+    from hf_sara.tools.loading import model_init_kwargs
+    from hf_sara.tools.replication import Replication, tiny_setup
+
+    model_dir, train, _, args, _ = tiny_setup(str(root), SARAConfig(output_dir=str(root)))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model_kwargs = model_init_kwargs(ModelConfig(), args)  # as the command line's defaults give them
+    for model_name in (str(root / "tiny-model"), str(tmp_path / "another-base")):
+        replication_run = Replication(
+            str(root), model_name, train, tokenizer, args, {}, EvalSettings(), model_kwargs=model_kwargs
+        )
+        if model_name.endswith("tiny-model"):
+            replication_run.check_trained_arms()  # the same base and settings: reused
+        else:
+            with pytest.raises(ValueError, match="trained from other settings .*model: '.*tiny-model' there"):
+                replication_run.check_trained_arms()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--harness_num_fewshot", "-1"], "argument --harness_num_fewshot: must be 0 or more"),  # was: run, -1 shots
+        (["--harness_batch_size", "0"], "argument --harness_batch_size: must be a positive integer"),  # traceback
+        (["--harness_batch_size", "eight"], "argument --harness_batch_size: a positive integer or 'auto'"),
+        (["--harness_limit", "0"], "argument --harness_limit: must be a positive number"),  # "did not find any docs"
+        (["--harness_limit", "-3"], "argument --harness_limit: must be a positive number"),
+        # A missing file was taken for a harness task name ("no task or group '/path/missing.jsonl'").
+        (["--benchmarks", "global_mmlu:sw=/path/missing.jsonl"], "evaluation file /path/missing.jsonl not found"),
+        (["--harness_num_fewshot", "20"], "has 8 questions, too few for 20 few-shot examples"),  # was: after training
+    ],
+)
+def test_bad_evaluation_options_are_refused_before_anything_is_written(tmp_path, capsys, flags, message):
+    root = tmp_path / "replication"
+    assert main(["replicate", "--tiny", "--output_dir", str(root), *flags]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not root.exists()  # no tiny-model/ left behind
+
+
+def test_a_dataset_without_test_split_says_there_is_no_analysis(tmp_path, capsys, monkeypatch):
+    from hf_sara.testing import save_tiny_model
+
+    model = save_tiny_model(str(tmp_path / "model"))
+    data = tmp_path / "pairs.jsonl"
+    load_demo_pairs().select(range(16)).to_json(str(data))
+
+    def stop(self, arms, with_evaluation):
+        raise RuntimeError("stopped before running")
+
+    monkeypatch.setattr("hf_sara.tools.replication.Replication.run", stop)
+    arguments = ["--model_name_or_path", model, "--dataset_name", str(data), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(RuntimeError, match="stopped before running"):
+        main(["replicate", *arguments, "--benchmarks", "global_mmlu:sw=global_mmlu_full_sw", "--use_cpu", "true"])
+    assert "No routing analysis: the dataset has no split 'test'" in capsys.readouterr().out
 
 
 def test_an_interrupted_arm_resumes_from_its_last_complete_checkpoint(tmp_path):

@@ -32,6 +32,7 @@ def analyze_command(argv: list[str]) -> int:
     from ..tools.reporting import markdown_table, write_into
 
     common.check_model_references(args)
+    common.check_adapter(args)  # an adapter made for another base: refused before anything loads
     dataset = load_demo_pairs() if args.data is None else common.load_split(args.data, args.split)
     tokenizer = load_tokenizer(args.model, args.adapter)
     if tokenizer.pad_token is None:

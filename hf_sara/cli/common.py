@@ -43,13 +43,45 @@ def batch_size(value: str) -> int | str:
 
 
 def device(value: str) -> str:
+    """A torch device this machine has: `cpu`, `cuda[:N]` with CUDA and that many GPUs, `mps` on Apple silicon."""
     import torch
 
     try:
-        torch.device(value)
+        parsed = torch.device(value)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "meta":
+        raise argparse.ArgumentTypeError("'meta' holds no weights and computes nothing: choose cpu or cuda")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: this machine has no CUDA GPU (or torch was built without CUDA); use cpu"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise argparse.ArgumentTypeError(
+                f"{value!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: this machine has no Apple MPS device; use cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{value!r}: hf-sara runs on cpu, cuda or mps")
     return value
+
+
+def option_value(option: str, value, parse, expected: str):
+    """
+    `value` of `option` checked by one of the argument types above (for options an argparse parser did not check, such
+    as those of a dataclass parser), or a one-line [`CommandError`] naming the option.
+    """
+    if value is None:
+        return None
+    try:
+        return parse(str(value))
+    except argparse.ArgumentTypeError as error:
+        raise CommandError(f"argument {option}: {error}") from None
+    except ValueError:
+        raise CommandError(f"argument {option}: {expected}, not {value!r}") from None
 
 
 _DATA_FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt")
@@ -79,12 +111,25 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapter_use: str) -> No
     """`--model` and `--adapter`, as the commands that compare a base model with its adapter take them."""
     parser.add_argument("--model", required=True, help="model name or path (the base model when --adapter is given)")
     parser.add_argument("--adapter", help=f"a PEFT adapter (name or path) to {adapter_use}")
+    parser.add_argument(
+        "--allow-base-name-mismatch",
+        action="store_true",
+        help="accept a --model named otherwise than in the adapter's config (a copy of it); shapes are still checked",
+    )
 
 
 def check_model_references(args: argparse.Namespace) -> None:
     """Refuses a `--model` or `--adapter` written as a local path that does not exist, before anything is loaded."""
     check_local_reference(args.model, "model")
     check_local_reference(args.adapter, "adapter")
+
+
+def check_adapter(args: argparse.Namespace) -> None:
+    """Refuses an `--adapter` not made for `--model` (the check `hf-sara merge` makes), before any weight loads."""
+    if args.adapter is not None:
+        from ..tools.merge import check_adapter_fits_base
+
+        check_adapter_fits_base(args.model, args.adapter, args.allow_base_name_mismatch, lora_only=False)
 
 
 def default_device() -> str:

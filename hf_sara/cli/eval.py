@@ -61,7 +61,14 @@ def eval_command(argv: list[str]) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     sources = parse_sources(args.tasks, files)
-    scores, paths = evaluate_and_report(args.model, args.adapter, sources, args.output_dir, settings)
+    scores, paths = evaluate_and_report(
+        args.model,
+        args.adapter,
+        sources,
+        args.output_dir,
+        settings,
+        allow_base_name_mismatch=args.allow_base_name_mismatch,
+    )
     print()
     print(markdown_table(accuracy_table(scores)))
     print()

@@ -32,7 +32,7 @@ def pairs_command(argv: list[str]) -> int:
     if args.aligned:
         if not args.language:
             raise CommandError("--language is required with --aligned (the language code of SOURCE)")
-        rows = pairs_from_aligned_files(*args.aligned, args.language)
+        rows = pairs_from_aligned_files(*args.aligned, args.language, args.anchor_language)
     else:
         languages = args.languages.split(",") if args.languages else None
         rows = pairs_from_multilingual(args.multilingual, args.anchor_language, languages)

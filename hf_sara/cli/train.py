@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from .common import CommandError, check_local_reference
 
+# A depth no model reaches: resolving a selection against it checks its syntax only.
+_ANY_DEPTH = 1 << 20
+
 
 def trl_parser(prog: str):
     """TRL's `TrlParser` over `ScriptArguments`, [`SARAConfig`] and `ModelConfig`: `trl sft`'s flags + SARA's."""
@@ -21,6 +24,8 @@ def build_trainer(argv: list[str], prog: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_peft_config
 
+    from ..routing.discovery import find_routers
+    from ..routing.layers import resolve_layers
     from ..routing.patching import patch_model
     from ..tools.loading import load_dataset_dict, model_init_kwargs
     from ..training.trainer import SARATrainer
@@ -33,6 +38,8 @@ def build_trainer(argv: list[str], prog: str):
         raise CommandError("--model_name_or_path is required")
     if not script_args.dataset_name:
         raise CommandError("--dataset_name is required (a Hub dataset, or a local .jsonl/.json/.parquet file)")
+    # The layer selection's syntax, before the data is read or anything written (its range once the model is loaded).
+    resolve_layers(training_args.sara_layers, _ANY_DEPTH)
     check_local_reference(model_args.model_name_or_path, "model")
     check_local_reference(script_args.dataset_name, "dataset")
     dataset = load_dataset_dict(script_args.dataset_name, script_args.dataset_config)
@@ -46,6 +53,8 @@ def build_trainer(argv: list[str], prog: str):
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
     )
+    patch_model(model)  # refuses a dense model
+    resolve_layers(training_args.sara_layers, len(find_routers(model)))  # before the datasets are prepared
     eval_dataset = None
     if training_args.eval_strategy != "no" and script_args.dataset_test_split in dataset:
         eval_dataset = dataset[script_args.dataset_test_split]

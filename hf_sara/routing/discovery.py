@@ -78,20 +78,21 @@ def _declared_routers(model: nn.Module) -> list[tuple[str, int, str]]:
     """`(module path, output index, scoring)` of every router that a (sub-)model declares, in module order."""
     found: list[tuple[str, int, str]] = []
 
-    def visit(module: nn.Module, name: str, recorders: list[OutputRecorder], scoring: str) -> None:
+    def visit(module: nn.Module, name: str, recorders: list[OutputRecorder], config: Any) -> None:
         if isinstance(module, PreTrainedModel):
             # As in transformers, a sub-model's children follow that sub-model's own declaration.
             declarations = getattr(module, "_can_record_outputs", None) or {}
             recorders = _as_recorders(declarations.get("router_logits"))
-            scoring = scoring_function(module.config)
+            config = module.config
         for recorder in recorders:
             if _matches(recorder, module, name):
-                found.append((name, recorder.index, scoring))
+                # The scoring rule is looked up for a router found only (a dense model has none to warn about).
+                found.append((name, recorder.index, SOFTMAX if config is None else scoring_function(config)))
                 break
         for child_name, child in module.named_children():
-            visit(child, f"{name}.{child_name}" if name else child_name, recorders, scoring)
+            visit(child, f"{name}.{child_name}" if name else child_name, recorders, config)
 
-    visit(model, "", [], SOFTMAX)
+    visit(model, "", [], None)
     return found
 
 
@@ -114,12 +115,11 @@ def _fallback_routers(model: nn.Module) -> list[tuple[str, int | None, str]]:
     expected = num_experts(config) if config is not None else None
     if expected is None:
         return []
+    names = [name for name, module in model.named_modules() if _is_fallback_router(name, module, expected)]
+    if not names:
+        return []
     scoring = scoring_function(config.get_text_config() if hasattr(config, "get_text_config") else config)
-    found = []
-    for name, module in model.named_modules():
-        if _is_fallback_router(name, module, expected):
-            found.append((name, None, scoring))
-    return found
+    return [(name, None, scoring) for name in names]
 
 
 def _hook_target(name: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Sequence
 
 # The published setup aligns decoder layers 7..34 (inclusive) of Qwen3-30B-A3B's 48 MoE layers. Expressed as fractions
@@ -12,6 +13,17 @@ PUBLISHED_BAND = (7 / 48, 34 / 48)
 DEFAULT_LAYERS = "published"
 
 LayerSelection = str | int | float | Sequence[int] | tuple[float, float] | None
+
+
+def _as_index(value: object) -> int | None:
+    """An integer index (`int`, NumPy integers, a one-element integer tensor: anything with `__index__` but a boolean),
+    else `None`."""
+    if isinstance(value, (bool, str)) or type(value).__name__ == "bool_":
+        return None
+    try:
+        return operator.index(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 def _fraction_to_index(fraction: float, num_layers: int) -> int:
@@ -82,7 +94,7 @@ def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
             - `"published"` ([`DEFAULT_LAYERS`]) or `None`: the published band, layers 7..34 of 48, i.e. layers
               `round(7/48 * num_layers)` to `round(34/48 * num_layers)` at any depth.
             - `"all"`: every MoE layer.
-            - an `int` or a sequence of `int`: those indices.
+            - an `int` or a sequence of `int`: those indices (NumPy integers and integer tensors count as `int`).
             - a string of comma-separated items, each an index (`"7"`), an inclusive range of indices (`"7-34"`), a
               fraction of depth (`"0.5"`) or an inclusive range of fractions (`"0.15-0.71"`). A fraction `f` selects
               layer `round(f * num_layers)`, capped at the last layer.
@@ -105,8 +117,8 @@ def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
         selected: Iterable[int] = range(_fraction_to_index(start, num_layers), _fraction_to_index(end, num_layers) + 1)
     elif isinstance(layers, bool):
         raise ValueError(f"A layer selection cannot be a boolean, got {layers!r}.")
-    elif isinstance(layers, int):
-        selected = [_check_index(layers, num_layers, spec)]
+    elif (index := _as_index(layers)) is not None:  # an int, a NumPy integer, a 0-d integer tensor
+        selected = [_check_index(index, num_layers, spec)]
     elif isinstance(layers, float):
         selected = [_fraction_to_index(_parse_fraction(str(layers), spec), num_layers)]
     elif isinstance(layers, str):
@@ -121,9 +133,10 @@ def resolve_layers(layers: LayerSelection, num_layers: int) -> list[int]:
             items = list(layers)
         except TypeError:
             raise ValueError(f"Cannot read the layer selection {layers!r}.") from None
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+        indices = [_as_index(x) for x in items]
+        if any(index is None for index in indices):
             raise ValueError(f"A list of layers must hold integer MoE-layer indices, got {layers!r}.")
-        selected = [_check_index(x, num_layers, spec) for x in items]
+        selected = [_check_index(index, num_layers, spec) for index in indices]
     result = sorted(set(selected))
     if not result:
         raise ValueError(f"The layer selection {spec!r} selects no layer of a model with {num_layers} MoE layers.")

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from ..files.names import safe_file_name
 from ..routing.patching import patch_model
 from ..training.paired_data import LANGUAGE_COLUMN, detect_paired_format
-from .paired_routing import RoutingReport, encode_pairs, measure_pairs
+from .paired_routing import RoutingReport, encode_pairs, measure_pairs, model_vocab_size
 from .reporting import markdown_table, new_figure, write_csv
 
 
@@ -48,7 +48,8 @@ def analyze_routing(
     # The same reading of the paired format as the trainer's: only the format's own anchor columns count, and every
     # example must be there.
     paired_format = detect_paired_format(dataset.column_names)
-    report, _ = measure_pairs(model, encode_pairs(dataset, paired_format, tokenizer, max_length), batch_size)
+    pairs = encode_pairs(dataset, paired_format, tokenizer, max_length, model_vocab_size(model))
+    report, _ = measure_pairs(model, pairs, batch_size)
     return report
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ..files.records import record_format
+from ..files.records import read_records, record_format
 
 if TYPE_CHECKING:
     import torch
@@ -24,12 +24,20 @@ def find_tokenizer(reference: str, **kwargs) -> PreTrainedTokenizerBase | None:
     empty tokenizer (one token, encoding text to nothing) from a model folder without tokenizer files rather than
     failing, so a local folder must hold the files and the vocabulary must not be empty.
     """
-    if os.path.isdir(reference) and not any(os.path.isfile(os.path.join(reference, n)) for n in _TOKENIZER_FILES):
+    local = os.path.isdir(reference)
+    if local and not any(os.path.isfile(os.path.join(reference, n)) for n in _TOKENIZER_FILES):
         return None
     try:
         tokenizer = AutoTokenizer.from_pretrained(reference, **kwargs)
-    except (OSError, ValueError, TypeError):
-        return None
+    except Exception as error:  # tokenizers raise many kinds (OSError, ValueError, JSON and Rust errors)
+        if not local:
+            return None
+        # The folder holds tokenizer files that do not load: a damaged tokenizer, not a missing one.
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise ValueError(
+            f"The tokenizer files in {reference} cannot be loaded ({reason}): they are damaged or cut short; save "
+            "the tokenizer used in training there again (`tokenizer.save_pretrained(folder)`)."
+        ) from None
     return tokenizer if len(tokenizer) > 1 else None
 
 
@@ -48,11 +56,26 @@ def load_tokenizer_with_source(
     revision = {"revision": model_revision} if model_revision else {}
     if (tokenizer := find_tokenizer(model, **revision, **kwargs)) is not None:
         return tokenizer, "base model"
-    where = f"Neither the adapter {adapter} nor the model {model}" if adapter else f"The model {model}"
+    if not os.path.exists(os.path.expanduser(model)):
+        _check_model_exists(model, {**revision, **kwargs})
+    where = f"Neither the adapter {adapter} nor the model {model} has a" if adapter else f"The model {model} has no"
     raise ValueError(
-        f"{where} has a tokenizer: save the tokenizer used in training next to the weights "
+        f"{where} tokenizer: save the tokenizer used in training next to the weights "
         "(`tokenizer.save_pretrained(folder)`) and try again."
     )
+
+
+def _check_model_exists(model: str, kwargs: dict) -> None:
+    """Refuses a model name that is neither a local folder nor a model on the Hub (or in its local cache)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model, **kwargs)
+    except OSError as error:  # transformers reports a missing model, an invalid name or no connection as OSError
+        raise ValueError(
+            f"The model {model} was not found: it is neither a local folder nor a model on the Hub (or in its local "
+            f"cache; {' '.join(str(error).split())[:150]}). Check the name or path."
+        ) from None
 
 
 def load_tokenizer(model: str, adapter: str | None = None, **kwargs) -> PreTrainedTokenizerBase:
@@ -75,6 +98,14 @@ def load_dataset_dict(name: str, config: str | None = None):
         try:
             dataset = load_dataset(builder, data_files=name, split="train", **extra)
         except Exception as error:  # the builders raise many kinds (DatasetGenerationError, ArrowInvalid, ...)
+            if builder == "json":  # pyarrow names a 0-based row of its block: find the line an editor shows
+                try:
+                    read_records(name)
+                except ValueError as located:
+                    raise ValueError(
+                        f"cannot read {name} as a JSON dataset ({' '.join(str(located).split())}); each row must be "
+                        "one object with the same columns (JSONL: one JSON object per line)"
+                    ) from None
             cause = error.__cause__ or error
             reason = " ".join(str(cause).split())[:300] or type(cause).__name__
             raise ValueError(

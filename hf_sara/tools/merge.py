@@ -80,6 +80,113 @@ def _is_local(reference: str) -> bool:
     return os.path.exists(os.path.expanduser(reference))
 
 
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# How `hf-sara merge` names the adapter in a merged model's card (see `_model_card`).
+_MERGED_ADAPTER_ROW = re.compile(r"^\| adapter \| `(?P<adapter>[^`]+)` \|$", re.MULTILINE)
+_MERGED_BY = "merged into its weights by `hf-sara merge`"
+
+
+def _read_adapter_config(adapter: str) -> PeftConfig:
+    """The adapter's `PeftConfig`; a local folder must hold a readable adapter_config.json and the weights."""
+    if _is_local(adapter):
+        folder = os.path.expanduser(adapter)
+        config_path = os.path.join(folder, "adapter_config.json")
+        if not os.path.isfile(config_path):
+            raise ValueError(
+                f"{adapter} has no adapter_config.json: it is not a PEFT adapter folder. Pass the folder the adapter "
+                "was saved to (`save_model()` / `save_pretrained()` writes adapter_config.json and "
+                "adapter_model.safetensors)."
+            )
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{config_path} is not valid JSON ({error}): the adapter's config is damaged or cut short; save the "
+                "adapter again."
+            ) from None
+        if not any(os.path.isfile(os.path.join(folder, name)) for name in _ADAPTER_WEIGHTS):
+            raise ValueError(
+                f"The adapter folder {adapter} has no adapter_model.safetensors (its weights): save the adapter "
+                "again, or pass the folder that holds them."
+            )
+    return PeftConfig.from_pretrained(adapter)
+
+
+def _load_adapter_weights(adapter: str, key_mapping) -> dict[str, torch.Tensor]:
+    """The adapter's tensors; a damaged or cut weights file is refused, naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_peft_weights(adapter, device="cpu", key_mapping=key_mapping)
+    except (SafetensorError, EOFError, RuntimeError, OSError) as error:
+        if not _is_local(adapter):
+            raise
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise ValueError(
+            f"The adapter's weights in {adapter} cannot be read ({reason}): the file is damaged or cut short; save "
+            "the adapter again."
+        ) from None
+
+
+def _recorded_base(adapter: str, recorded: str) -> str:
+    """
+    The base an adapter's config records, as a reference valid here. A relative path is relative to the folder the
+    adapter was trained from, not necessarily this one: it is taken only when it names the same folder from here and
+    from one of the adapter folder's parents (where a training's `output_dir` usually lies); a recorded folder that
+    is not there any more is refused, instead of being looked up as a Hub name.
+    """
+    expanded = os.path.expanduser(recorded)
+    fix = "pass the base model it was trained on with --model (`base_model`)."
+    if os.path.isabs(expanded):
+        if not os.path.exists(expanded):
+            raise ValueError(
+                f"The adapter {adapter} records its base model as the folder {recorded} (base_model_name_or_path in "
+                f"its adapter_config.json), which does not exist any more: {fix}"
+            )
+        return recorded
+    here = os.path.abspath(expanded) if os.path.exists(expanded) else None
+    beside = []
+    if _is_local(adapter):
+        folder = os.path.dirname(os.path.abspath(os.path.expanduser(adapter)))
+        while True:
+            candidate = os.path.join(folder, expanded)
+            if os.path.exists(candidate):
+                beside.append(candidate)
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                break
+            folder = parent
+    if here is None and not beside:
+        looks_local = recorded.startswith((".", "~")) or recorded.count("/") + recorded.count(os.sep) > 1
+        if looks_local:
+            raise ValueError(
+                f"The adapter {adapter} records its base model as the relative path {recorded} "
+                "(base_model_name_or_path in its adapter_config.json), which exists neither from here nor next to the "
+                f"adapter: {fix}"
+            )
+        return recorded  # a Hub name
+    if here is not None and any(os.path.samefile(here, candidate) for candidate in beside):
+        return recorded
+    found = f"from here it is {here}" if here is not None else "it does not exist from here"
+    if beside:
+        found += f", from the adapter's folders it is {beside[0]}"
+    raise ValueError(
+        f"The adapter {adapter} records its base model as the relative path {recorded} (base_model_name_or_path in "
+        f"its adapter_config.json), relative to where it was trained: {found}, so which base it means is not certain; "
+        f"{fix}"
+    )
+
+
+def _merged_adapter(base_model: str) -> str | None:
+    """The adapter a model folder written by `hf-sara merge` holds already (from its model card), else `None`."""
+    card = _adapter_card(base_model)
+    if card is None or _MERGED_BY not in card:
+        return None
+    match = _MERGED_ADAPTER_ROW.search(card)
+    return match.group("adapter") if match else None
+
+
 def _base_revision(peft_config: PeftConfig, base_model: str) -> str | None:
     """The base revision the adapter records (`revision` in adapter_config.json), when the base is the one it names."""
     recorded = peft_config.base_model_name_or_path
@@ -91,10 +198,12 @@ def check_adapter_fits_base(
     adapter: str,
     allow_base_name_mismatch: bool = False,
     trust_remote_code: bool = False,
+    lora_only: bool = True,
 ) -> tuple[str, PeftConfig, PretrainedConfig]:
     """
     Checks, without loading any weight, that `adapter` is a LoRA adapter made for `base_model`, and refuses it
-    otherwise (PEFT itself loads an adapter made for a deeper model into a shallower one without a word).
+    otherwise (PEFT itself loads an adapter made for a deeper model into a shallower one without a word). The one
+    check of every command that takes a base and an adapter: `hf-sara merge`, `eval` and `analyze`.
 
     An adapter is for this base when:
 
@@ -105,7 +214,12 @@ def check_adapter_fits_base(
     3. applying the adapter's config to the base (built on the meta device, no memory) gives exactly the adapter's
        tensors, with the same shapes: every targeted module and parameter (`target_modules`, `target_parameters`,
        `modules_to_save`) exists in the base with the shape the adapter's weights were trained for, and the adapter
-       has weights for every one of them.
+       has weights for every one of them;
+    4. the base does not hold this adapter already (a folder `hf-sara merge` wrote with it, told by its model card).
+
+    A relative base path in the adapter's config is relative to where it was trained: without `base_model` it is taken
+    only when it names the same folder from here and from a parent of the adapter's folder. A local adapter folder
+    without weights, with a damaged config or weights, is refused naming the file.
 
     Args:
         base_model (`str` or `None`):
@@ -116,6 +230,8 @@ def check_adapter_fits_base(
             Accept a base whose name differs from the adapter's record (a local copy of it); checks 2 and 3 still run.
         trust_remote_code (`bool`, *optional*, defaults to `False`):
             Passed to transformers for models with remote code.
+        lora_only (`bool`, *optional*, defaults to `True`):
+            Refuse adapters of other PEFT kinds (merging handles LoRA only; evaluating and analysing take any).
 
     Returns:
         `tuple[str, PeftConfig, PretrainedConfig]`: the base model's name, the adapter's config, the base's config.
@@ -123,8 +239,8 @@ def check_adapter_fits_base(
     Raises:
         `ValueError`: naming what does not match and the fix.
     """
-    peft_config = PeftConfig.from_pretrained(adapter)
-    if peft_config.peft_type != "LORA":
+    peft_config = _read_adapter_config(adapter)
+    if lora_only and peft_config.peft_type != "LORA":
         raise ValueError(
             f"{adapter} is a {peft_config.peft_type} adapter; hf_sara merges LoRA adapters (peft_type LORA). Use "
             "PEFT's own `merge_and_unload()` for other kinds."
@@ -136,13 +252,20 @@ def check_adapter_fits_base(
                 f"The adapter {adapter} does not record its base model (no base_model_name_or_path in its "
                 "adapter_config.json): pass the base model it was trained on."
             )
-        base_model = recorded
+        base_model = _recorded_base(adapter, recorded)
     elif recorded and not _same_model(recorded, base_model) and not allow_base_name_mismatch:
         raise ValueError(
             f"The adapter {adapter} was trained on {recorded!r} (base_model_name_or_path in its adapter_config.json), "
-            f"not on {base_model!r}. Merge it into the model it was trained on; if {base_model!r} is a copy of that "
+            f"not on {base_model!r}. Use it with the model it was trained on; if {base_model!r} is a copy of that "
             "model under another name, pass `allow_base_name_mismatch=True` (`--allow-base-name-mismatch`): the "
             "modules and shapes are checked either way."
+        )
+    merged_already = _merged_adapter(base_model)
+    if merged_already is not None and (merged_already == adapter or _same_model(merged_already, adapter)):
+        raise ValueError(
+            f"{base_model} already holds the adapter {adapter}: its model card says `hf-sara merge` merged it, so "
+            f"applying it again would add its LoRA update twice. Use {base_model} as it is, or the adapter with the "
+            f"base it was trained on{f' ({recorded})' if recorded else ''}."
         )
     revision = _base_revision(peft_config, base_model)
     base_config = AutoConfig.from_pretrained(base_model, revision=revision, trust_remote_code=trust_remote_code)
@@ -152,7 +275,7 @@ def check_adapter_fits_base(
     if made_on and made_on != type(skeleton).__name__:
         raise ValueError(
             f"The adapter {adapter} was made for a {made_on} (auto_mapping in its adapter_config.json), but "
-            f"{base_model} is a {type(skeleton).__name__}. Merge it into the model it was trained on."
+            f"{base_model} is a {type(skeleton).__name__}. Use it with the model it was trained on."
         )
     applied = copy.deepcopy(peft_config)
     applied.base_model_name_or_path = None  # get_peft_model records the skeleton's name (and warns when it differs)
@@ -161,12 +284,10 @@ def check_adapter_fits_base(
         expected = get_peft_model_state_dict(get_peft_model(skeleton, applied))
     except ValueError as error:  # PEFT: "Target modules ... not found in the base model", ...
         raise ValueError(
-            f"The adapter {adapter} does not fit {base_model}: {' '.join(str(error).split())} Merge it into the "
+            f"The adapter {adapter} does not fit {base_model}: {' '.join(str(error).split())} Use it with the "
             "model it was trained on."
         ) from None
-    stored = load_peft_weights(
-        adapter, device="cpu", key_mapping=getattr(skeleton, "_checkpoint_conversion_mapping", None) or None
-    )
+    stored = _load_adapter_weights(adapter, getattr(skeleton, "_checkpoint_conversion_mapping", None) or None)
     problems = [f"the base has no {key!r}" for key in sorted(set(stored) - set(expected))]
     problems += [f"the adapter has no weights for {key!r}" for key in sorted(set(expected) - set(stored))]
     problems += [
@@ -178,8 +299,8 @@ def check_adapter_fits_base(
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise ValueError(
             f"The adapter {adapter} was not made for {base_model} ({len(problems)} mismatch(es): {shown}). It was "
-            f"trained on a model of another architecture or size{f' ({recorded})' if recorded else ''}: merge it "
-            "into that model."
+            f"trained on a model of another architecture or size{f' ({recorded})' if recorded else ''}: use it "
+            "with that model."
         )
     return base_model, peft_config, base_config
 
@@ -298,6 +419,27 @@ def _count_adapted(model: PeftModel) -> tuple[int, int, int]:
     return modules, parameters, whole
 
 
+def _untie_adapted_embeddings(adapted: PeftModel) -> bool:
+    """
+    Unties the base's input and output embeddings when they share one weight and LoRA adapts one of them: the adapted
+    model applies the update to that one side only, but merging it into the shared weight would change both (and the
+    merged config would still tie them). The other side keeps the base's weight. Returns whether they were untied.
+    """
+    model = adapted.get_base_model()
+    embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
+    if embeddings[1] is None or not any(isinstance(module, LoraLayer) for module in embeddings):
+        return False
+    input_layer, output_layer = (getattr(module, "base_layer", module) for module in embeddings)
+    if input_layer.weight is not output_layer.weight:
+        return False
+    output_layer.weight = torch.nn.Parameter(
+        output_layer.weight.detach().clone(), requires_grad=output_layer.weight.requires_grad
+    )
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    return True
+
+
 def _check_output_location(output_dir: str, references: dict[str, str]) -> None:
     output = os.path.realpath(output_dir)
     for what, reference in references.items():
@@ -373,6 +515,7 @@ def merge_adapter(
         base_model, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
     )
     adapted = PeftModel.from_pretrained(model, adapter)
+    _untie_adapted_embeddings(adapted)
     lora_modules, lora_parameters, modules_to_save = _count_adapted(adapted)
     merged = adapted.merge_and_unload(safe_merge=True)  # the config stays the base's (`output_router_logits` too)
 
@@ -386,13 +529,29 @@ def merge_adapter(
         sara_settings=sara_settings is not None,
         tokenizer_source=tokenizer_source,
     )
-    with atomic_directory(output_dir, overwrite=overwrite) as staging:
-        merged.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        card = _model_card(
-            result, peft_config, base_config, merged.config, revision, next(merged.parameters()).dtype, sara_settings
-        )
-        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(card)
+    from safetensors import SafetensorError
+
+    try:
+        with atomic_directory(output_dir, overwrite=overwrite) as staging:
+            merged.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            card = _model_card(
+                result,
+                peft_config,
+                base_config,
+                merged.config,
+                revision,
+                next(merged.parameters()).dtype,
+                sara_settings,
+            )
+            with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
+                handle.write(card)
+    except (OSError, SafetensorError) as error:  # a full disk: safetensors reports it as its own error
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        kept = "the folder is as it was" if os.path.exists(output_dir) else "nothing was left there"
+        raise OSError(
+            f"Could not write the merged model to {output_dir} ({reason}); {kept}. Free space there (or choose "
+            "another --output-dir) and run again."
+        ) from None
     logger.info(f"hf_sara: merged {adapter} into {base_model}, saved to {output_dir}: {json.dumps(vars(result))}")
     return result

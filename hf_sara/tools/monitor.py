@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from torch import nn
 from transformers import (
     Trainer,
@@ -26,7 +26,7 @@ from ..routing.layers import LayerSelection, resolve_layers
 from ..routing.patching import get_routing_state, patch_model, unpatch_model
 from ..training.paired_data import DEFAULT_ANCHOR_PREFIX, TEXT_FIELD, detect_paired_format
 from .analysis import plot_layer_divergence
-from .paired_routing import RoutingReport, encode_pairs, measure_pairs
+from .paired_routing import RoutingReport, encode_pairs, measure_pairs, model_vocab_size
 
 logger = logging.get_logger(__name__)
 
@@ -58,9 +58,10 @@ class RoutingDivergenceCallback(TrainerCallback):
     The values are those of [`analyze_routing`] (`hf-sara analyze`) on the same model, pairs and `batch_size`, in any
     paired format: both measure through [`measure_pairs`] (the same sequences, batches and reductions). At the end of
     training the per-layer figure of the first and the last measurement is written to
-    `<output_dir>/routing_layer_divergence.png`. An unpatched model is patched for the measurements and unpatched at
-    the end of training (or right after a measurement outside training); a model that was already patched (by you or
-    by `SARATrainer`) is left as it is.
+    `<output_dir>/routing_layer_divergence.png` (a figure that cannot be written is a warning, not an error). An
+    unpatched model is patched for each measurement and unpatched right after it, so that nothing is left on the model
+    even when the training stops with an exception; a model that was already patched (by you or by `SARATrainer`) is
+    left as it is.
 
     Under DDP, FSDP2 and DeepSpeed the batches of pairs are dealt round-robin over the ranks ([`deal_batches`]), each
     round's per-pair measurements gathered, and every rank logs the same values (only the main process's reporters
@@ -139,11 +140,16 @@ class RoutingDivergenceCallback(TrainerCallback):
         args = trainer.args
         prefix = anchor_prefix or getattr(args, "anchor_prefix", None) or DEFAULT_ANCHOR_PREFIX
         text_field = getattr(args, "dataset_text_field", TEXT_FIELD)
+        if isinstance(pairs, DatasetDict):
+            raise ValueError(
+                f"`pairs` is a DatasetDict (splits {list(pairs)}): pass one split of held-out pairs, e.g. "
+                f"`pairs[{next(iter(pairs), 'test')!r}]`."
+            )
         paired_format = detect_paired_format(pairs.column_names, prefix, text_field)
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         if tokenizer is None:
             raise ValueError("The trainer has no `processing_class` (tokenizer) to tokenize the pairs with.")
-        self._pairs = encode_pairs(pairs, paired_format, tokenizer, max_length)
+        self._pairs = encode_pairs(pairs, paired_format, tokenizer, max_length, model_vocab_size(trainer.model))
 
         # The layers, checked now rather than at the first measurement.
         state = get_routing_state(trainer.model)
@@ -168,7 +174,6 @@ class RoutingDivergenceCallback(TrainerCallback):
         self._captured = captured
         self._last_position = len(captured) - 1 if every_layer else max(self._positions)
         self._patched_here = False
-        self._training = False
         self._last_step: int | None = None
         if steps is None and getattr(args, "eval_strategy", "no") == "no":
             logger.warning(
@@ -188,7 +193,10 @@ class RoutingDivergenceCallback(TrainerCallback):
 
     @contextlib.contextmanager
     def _patched(self) -> Iterator[None]:
-        """Patches the model if nobody did; unpatches it afterwards unless a training run is in progress."""
+        """
+        Patches the model if nobody did, for one measurement, and unpatches it right after: a training stopped by an
+        exception (which no callback event reports) leaves nothing on the model.
+        """
         model = self.trainer.model
         if get_routing_state(model) is None:
             patch_model(model)
@@ -196,8 +204,7 @@ class RoutingDivergenceCallback(TrainerCallback):
         try:
             yield
         finally:
-            if self._patched_here and not self._training:
-                self._unpatch()
+            self._unpatch()
 
     def _unpatch(self) -> None:
         if self._patched_here:
@@ -268,7 +275,6 @@ class RoutingDivergenceCallback(TrainerCallback):
     # ----------------------------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self._training = True
         self._last_step = None
         if self.measure_at_start:
             self._measure_and_log(state)
@@ -282,11 +288,14 @@ class RoutingDivergenceCallback(TrainerCallback):
             self._measure_and_log(state)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        try:
-            self._measure_and_log(state)
-            if self.plot and state.is_world_process_zero:
+        self._measure_and_log(state)
+        if self.plot and state.is_world_process_zero:
+            path = os.path.join(args.output_dir, FIGURE_FILE_NAME)
+            try:
                 os.makedirs(args.output_dir, exist_ok=True)
-                self.write_figure(os.path.join(args.output_dir, FIGURE_FILE_NAME))
-        finally:
-            self._training = False
-            self._unpatch()
+                self.write_figure(path)
+            except OSError as error:  # the training is done: a figure that cannot be written must not cost it
+                logger.warning(
+                    f"RoutingDivergenceCallback could not write its figure {path} ({error}); the training and the "
+                    "logged routing values are unaffected. Free that path (or pass `plot=False`) to get the figure."
+                )

@@ -22,6 +22,7 @@ from ..training.paired_data import (
     PROMPT_COMPLETION_FIELDS,
     TOKENIZED_FIELDS,
     PairedFormat,
+    anchored_rows,
     anchored_subset,
     languages_of,
 )
@@ -116,6 +117,7 @@ def encode_pairs(
     paired_format: PairedFormat,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int | None = 512,
+    vocab_size: int | None = None,
 ) -> EncodedPairs:
     """
     Tokenizes the pairs of `dataset` that have an anchor (rows without one are skipped), both sides alike.
@@ -133,21 +135,56 @@ def encode_pairs(
             The model's tokenizer.
         max_length (`int` or `None`, *optional*, defaults to `512`):
             Truncation length.
+        vocab_size (`int`, *optional*):
+            The model's vocabulary size (rows of its input embeddings): token ids outside `[0, vocab_size)` are
+            refused, naming the rows.
 
     Returns:
         [`EncodedPairs`]
 
     Raises:
-        `ValueError`: when no row has an anchor, or a row's anchor is incomplete (see [`anchored_rows`]).
+        `ValueError`: when no row has an anchor, a row's anchor is incomplete (see [`anchored_rows`]), a row's
+            example or anchor has no token, or (with `vocab_size`) a token id the model does not have; the rows are
+            those of `dataset`.
     """
-    dataset = anchored_subset(dataset, paired_format)
+    rows = [index for index, flag in enumerate(anchored_rows(dataset, paired_format)) if flag]
+    if not rows:
+        anchored_subset(dataset, paired_format)  # refuses: no row has an anchor
+    dataset = dataset.select(rows)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return EncodedPairs(
+    pairs = EncodedPairs(
         examples=_token_ids(dataset, paired_format, tokenizer, max_length, anchors=False),
         anchors=_token_ids(dataset, paired_format, tokenizer, max_length, anchors=True),
         languages=languages_of(dataset, missing=UNKNOWN_LANGUAGE),
         pad_token_id=pad_token_id if pad_token_id is not None else 0,
     )
+    for side, sequences in (("example", pairs.examples), ("anchor", pairs.anchors)):
+        empty = [rows[index] for index, ids in enumerate(sequences) if not ids]
+        if empty:
+            raise ValueError(
+                f"Row(s) {_shown(empty)} of the pairs have an empty {side} (no token to measure): drop those rows or "
+                "give them a text."
+            )
+        if vocab_size is not None:
+            outside = [rows[index] for index, ids in enumerate(sequences) if any(not 0 <= i < vocab_size for i in ids)]
+            if outside:
+                raise ValueError(
+                    f"Row(s) {_shown(outside)} of the pairs have {side} token ids outside the model's vocabulary "
+                    f"(0 to {vocab_size - 1}): tokenize them with this model's tokenizer."
+                )
+    return pairs
+
+
+def model_vocab_size(model: nn.Module) -> int | None:
+    """The number of token ids a model embeds (its input embeddings' rows), or `None` when it cannot tell."""
+    try:
+        return model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _shown(rows: list[int], limit: int = 10) -> str:
+    return str(rows[:limit]) + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
 
 def _padded(sequences: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterable
 
@@ -32,14 +33,27 @@ def _is_prompt_completion(value: object) -> bool:
     return isinstance(value, dict) and all(isinstance(value.get(name), str) for name in PROMPT_COMPLETION_FIELDS)
 
 
-def pairs_from_aligned_files(source: str, anchor: str, language: str) -> list[dict[str, str | None]]:
+def pairs_from_aligned_files(
+    source: str, anchor: str, language: str, anchor_language: str | None = None
+) -> list[dict[str, str | None]]:
     """
     Text pairs from two line-aligned files: line `i` of `source` (the low-resource language) translates line `i` of
     `anchor`. Empty anchor lines give rows without anchor.
 
     Raises:
-        `ValueError`: when the files have different numbers of lines, or a source line is empty.
+        `ValueError`: when the files have different numbers of lines, a source line is empty, or the pairs would
+            anchor a language to itself (`language` is `anchor_language`, or `source` is `anchor`).
     """
+    if anchor_language is not None and language == anchor_language:
+        raise ValueError(
+            f"--language {language} is the anchor language: its items would be anchored to themselves. Give SOURCE's "
+            "own language code (or another --anchor-language)."
+        )
+    if os.path.exists(source) and os.path.exists(anchor) and os.path.samefile(source, anchor):
+        raise ValueError(
+            f"SOURCE and ANCHOR are the same file ({source}): each line would be anchored to itself. Give the "
+            "translation file and its anchor-language original."
+        )
     sources, anchors = _read_lines(source), _read_lines(anchor)
     if len(sources) != len(anchors):
         raise ValueError(

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
@@ -27,9 +28,10 @@ from ..training.config import SARAConfig
 from ..training.paired_data import anchored_subset, detect_paired_format, examples_only, plain_texts
 from ..training.trainer import SARATrainer
 from .analysis import RoutingReport, analyze_routing, write_report
-from .evaluation.local_files import sample_eval_files
+from .evaluation.local_files import load_eval_file, sample_eval_files
 from .evaluation.run import EvalSettings, evaluate_and_report
 from .evaluation.sources import parse_sources
+from .evaluation.tasks import check_few_shot
 from .pairs import split_by_item
 from .reporting import markdown_table, write_csv
 
@@ -49,7 +51,21 @@ PAPER_RESULTS: dict[str, dict[str, float]] = {
     "belebele": {"full_ft": 82.95, "sara": 83.09},
     "mgsm": {"full_ft": 87.20, "sara": 87.40},
 }
+# The training settings an arm's weights depend on (besides the base model, the data and the arm's own settings):
+# SARAConfig's own (but the anchors' path) and these of SFTConfig. Logging, saving, workers and memory savers are left
+# out, so that a rerun changing them reuses the arms.
+TRAINING_SETTINGS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "seed", "data_seed", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "weight_decay",
+    "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16", "max_length",
+    "packing", "packing_strategy", "padding_free", "completion_only_loss", "assistant_only_loss", "dataset_text_field",
+    "chat_template_path", "loss_type", "label_smoothing_factor", "eos_token", "pad_token", "neftune_noise_alpha",
+    "full_determinism", "train_sampling_strategy", "model_init_kwargs",
+    "sara_weight", "sara_layers", "sara_loss_reduction", "sara_anchor_mode", "sara_warmup_ratio", "sara_pooling",
+    "anchor_prefix", "anchor_sft_weight",
+)  # fmt: skip
 COMPLETE_FILE_NAME = "arm_complete.json"
+SETTINGS_FILE_NAME = "arm_settings.json"
 SCORES_FILE_NAME = "scores.json"
 ANALYSED_FILE_NAME = "analysed.json"
 
@@ -119,6 +135,9 @@ class Replication:
             self.sources[benchmark] = parse_sources(
                 [spec for spec in specs if not _is_file(spec)], [spec for spec in specs if _is_file(spec)]
             )
+            for source in self.sources[benchmark]:
+                if source.path is not None:  # missing, malformed or too short files refused now, not after training
+                    check_few_shot(source.path, len(load_eval_file(source.path)[1]), eval_settings.num_fewshot)
         if analysis_pairs is not None:  # checked now, not after hours of training
             paired_format = detect_paired_format(analysis_pairs.column_names, training_args.anchor_prefix)
             plain_texts(anchored_subset(analysis_pairs, paired_format).select([0]), paired_format)
@@ -136,6 +155,57 @@ class Replication:
             self._pairs_digest = hashlib.sha256(rows.encode()).hexdigest()
         self.model_kwargs = model_kwargs or {}
         self.log = log
+        self._data_digest = None
+
+    def arm_identity(self, arm: str) -> dict[str, Any]:
+        """What a trained arm's weights depend on: the base model, its loading, the data and the training settings."""
+        if self._data_digest is None:
+            digest = hashlib.sha256()
+            for batch in self.train_dataset.iter(batch_size=1000):
+                digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
+            self._data_digest = digest.hexdigest()
+        settings = {name: getattr(self.training_args, name, None) for name in TRAINING_SETTINGS}
+        model = self.model_name  # a local folder by its real path, however it is written
+        identity = {
+            "model": os.path.realpath(model) if os.path.isdir(model) else model,
+            "model_kwargs": self.model_kwargs,
+            "data": self._data_digest,
+            "arm": ARMS[arm],
+            "training": settings,
+        }
+        return json.loads(json.dumps(identity, sort_keys=True, default=str))
+
+    def _check_arm(self, arm: str) -> None:
+        """Refuses an arm folder trained (or begun) from another base, data or settings than this run's."""
+        path = os.path.join(self.output_dir, arm, SETTINGS_FILE_NAME)
+        if not os.path.isfile(path):
+            return  # not begun, or by an hf_sara that did not record it
+        recorded, current = _read_json(path), self.arm_identity(arm)
+        if recorded == current:
+            return
+        changed = [
+            f"{key}: {recorded.get(key)!r} there, {current[key]!r} now"
+            for key in ("model", "model_kwargs", "data", "arm")
+            if recorded.get(key) != current[key]
+        ]
+        old_training = recorded.get("training", {})
+        changed += [
+            f"{name}: {old_training.get(name)!r} there, {value!r} now"
+            for name, value in current["training"].items()
+            if old_training.get(name) != value
+        ]
+        shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+        folder = os.path.join(self.output_dir, arm)
+        raise ValueError(
+            f"The arm {arm} in {folder} was trained from other settings than this run's ({shown}): its results would "
+            "mix with this run's. Use another --output_dir for these settings, or rerun with the settings it was "
+            f"trained with (or delete {folder}, which hf-sara replicate wrote, to train it again)."
+        )
+
+    def check_trained_arms(self) -> None:
+        """Refuses, before anything runs, any arm in `output_dir` begun from another base, data or settings."""
+        for arm in ARMS:
+            self._check_arm(arm)
 
     # Training ---------------------------------------------------------------------------------------------------
 
@@ -158,9 +228,14 @@ class Replication:
         """Trains one arm from the base model and saves it, unless a finished run of it is there already."""
         if arm not in ARMS:
             raise ValueError(f"Unknown arm {arm!r}: choose from {', '.join(ARMS)}.")
+        self._check_arm(arm)
         if self.is_trained(arm):
             self.log(f"{arm}: trained already ({os.path.join(self.output_dir, arm)}), skipped")
             return
+        settings_path = os.path.join(self.output_dir, arm, SETTINGS_FILE_NAME)
+        if not os.path.isfile(settings_path) and PartialState().is_main_process:
+            os.makedirs(os.path.dirname(settings_path), exist_ok=True)
+            _write_json(settings_path, self.arm_identity(arm))  # before training: a resumed run is checked too
         run_dir = os.path.join(self.output_dir, arm, "run")
         args = dataclasses.replace(self.training_args, output_dir=run_dir, **(ARMS[arm] or {}))
         model = AutoModelForCausalLM.from_pretrained(self.model_name, **self.model_kwargs)
@@ -274,6 +349,8 @@ class Replication:
         if not with_evaluation:
             return {}
         trained = [arm for arm in ARMS if self.is_trained(arm)]
+        for arm in trained:
+            self._check_arm(arm)
         results = {arm: self.evaluate(arm) for arm in (BASE, *trained)}
         rows, table_paths = self.report(results)  # before the analysis: the table does not wait for it
         analysis_paths = {f"analysis_{kind}": path for kind, path in self.analyze(trained).items()}
@@ -290,8 +367,15 @@ def _write_json(path: str, value: Any) -> None:
         json.dump(value, handle, indent=2)
 
 
+_EVAL_FILE_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
 def _is_file(spec: str) -> bool:
-    return os.path.isfile(spec.partition("=")[2] or spec)
+    """Whether a `LANG=SOURCE` names a local file: one that exists, or a path (harness task names are neither)."""
+    source = spec.partition("=")[2] or spec
+    return (
+        os.path.isfile(source) or os.sep in source or "/" in source or source.lower().endswith(_EVAL_FILE_EXTENSIONS)
+    )
 
 
 def replication_table(

@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from math import inf
 from typing import Any
 
 from ..loading import load_tokenizer, parse_dtype
@@ -130,6 +131,23 @@ class EvalSettings:
     trust_remote_code: bool = False
     device_map: str | None = None
 
+    def __post_init__(self):
+        def number(value, *, minimum, integer) -> bool:
+            kinds = (int,) if integer else (int, float)
+            return isinstance(value, kinds) and not isinstance(value, bool) and value >= minimum
+
+        problems = []
+        if self.num_fewshot is not None and not number(self.num_fewshot, minimum=0, integer=True):
+            problems.append(f"num_fewshot must be an int >= 0 or None, not {self.num_fewshot!r}")
+        if self.batch_size != "auto" and not number(self.batch_size, minimum=1, integer=True):
+            problems.append(f"batch_size must be an int >= 1 or 'auto', not {self.batch_size!r}")
+        if self.limit is not None and not (number(self.limit, minimum=0, integer=False) and 0 < self.limit < inf):
+            problems.append(f"limit must be a number of items (>= 1) or a fraction (0 to 1), not {self.limit!r}")
+        if self.max_length is not None and not number(self.max_length, minimum=1, integer=True):
+            problems.append(f"max_length must be an int >= 1 or None, not {self.max_length!r}")
+        if problems:
+            raise ValueError(f"EvalSettings: {'; '.join(problems)}.")
+
 
 def evaluate_and_report(
     model_name: str,
@@ -138,17 +156,26 @@ def evaluate_and_report(
     output_dir: str,
     settings: EvalSettings,
     log: Callable[[str], None] = print,
+    allow_base_name_mismatch: bool = False,
 ) -> tuple[dict[str, dict[str, LanguageScore]], dict[str, str]]:
     """
     Evaluates a model, or a base model and its PEFT adapter, on `sources` and writes the report into `output_dir`.
 
-    Task names are checked before the model is loaded; local files are validated and written as harness tasks into
+    An adapter not made for the base is refused before any weight loads ([`check_adapter_fits_base`]: its recorded
+    base, class, modules and shapes; `allow_base_name_mismatch` accepts a base named otherwise). Task names are
+    checked before the model is loaded; local files are validated and written as harness tasks into
     `<output_dir>/harness_tasks` (so `lm_eval --include_path` reproduces the run); nothing is left in `output_dir`
     when the evaluation fails and `output_dir` did not exist before.
 
     Returns:
         `tuple`: the scores per model (`"model"`, or `"base"` and `"adapter"`) and language, and the report's paths.
     """
+    if adapter is not None:
+        from ..merge import check_adapter_fits_base
+
+        check_adapter_fits_base(
+            model_name, adapter, allow_base_name_mismatch, settings.trust_remote_code, lora_only=False
+        )
     tasks_dir = os.path.join(output_dir, "harness_tasks")
     task_manager = task_manager_for()
     check_task_names(sources, task_manager)  # before loading the model, which can take minutes
@@ -165,7 +192,7 @@ def _evaluate_and_report(model_name, adapter, sources, output_dir, tasks_dir, ta
     import torch
     from transformers import AutoModelForCausalLM
 
-    if write_local_tasks(sources, tasks_dir):  # validated row by row before anything is written
+    if write_local_tasks(sources, tasks_dir, settings.num_fewshot):  # validated row by row before anything is written
         task_manager = task_manager_for(tasks_dir)
     limit = settings.limit
     limit = int(limit) if limit is not None and limit >= 1 else limit

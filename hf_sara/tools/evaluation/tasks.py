@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from ...files.package_data import package_data_path
 from ...training.paired_data import LANGUAGE_COLUMN
-from .local_files import load_eval_file
+from .local_files import EvalFileError, load_eval_file
 from .sources import EvalSource
 
 TASK_TEMPLATES_DIR = package_data_path("eval_tasks")
@@ -27,12 +27,24 @@ def require_lm_eval():
     return lm_eval
 
 
-def write_local_tasks(sources: Sequence[EvalSource], directory: str) -> list[str]:
+def check_few_shot(path: str, questions: int, num_fewshot: int | None) -> None:
+    """Refuses more few-shot examples than a local file has other questions (the harness draws them from it)."""
+    if num_fewshot is not None and num_fewshot > questions - 1:
+        raise EvalFileError(
+            f"{path} has {questions} questions, too few for {num_fewshot} few-shot examples (they are other questions "
+            f"of the same file): use at most {questions - 1}, or a larger file"
+        )
+
+
+def write_local_tasks(sources: Sequence[EvalSource], directory: str, num_fewshot: int | None = None) -> list[str]:
     """
     Validates each local file and writes, into `directory`, its rows as JSONL and a harness task YAML that includes
-    the packaged template of its schema. Returns the written task files. Nothing is written if a file is malformed.
+    the packaged template of its schema. Returns the written task files. Nothing is written if a file is malformed,
+    or has too few questions for `num_fewshot` (its few-shot examples are its other questions).
     """
     local = [(source, *load_eval_file(source.path)) for source in sources if source.path is not None]
+    for source, _, rows in local:
+        check_few_shot(source.path, len(rows), num_fewshot)
     if local:
         os.makedirs(directory, exist_ok=True)
     written = []

@@ -30,9 +30,11 @@ class TensorLayout:
 
 
 def _file_error(path: str, problem: str) -> ValueError:
+    # Whether hf_sara wrote it cannot be told: removing it is advised only for an anchors file hf_sara wrote.
     return ValueError(
-        f"{path} is not a readable hf_sara anchors file: {problem}. It may have been cut short or overwritten; remove "
-        "it to recompute the anchors (or point `sara_anchor_path` at an intact copy)."
+        f"{path} is not a readable hf_sara anchors file: {problem}. If it is an anchors file hf_sara wrote (cut short "
+        "or overwritten), remove it to recompute the anchors; otherwise point `sara_anchor_path` at an anchors file "
+        "(or an intact copy)."
     )
 
 
@@ -47,8 +49,17 @@ def read_header(path: str) -> tuple[dict[str, TensorLayout], dict[str, str], int
         `ValueError`: naming the file, when it is not a complete safetensors file (missing, a directory, cut short, or
         not safetensors at all).
     """
+    if os.path.isdir(path):  # a folder that may hold the model and the data: never to be removed
+        raise ValueError(
+            f"{path} is a folder, not an anchors file: point `sara_anchor_path` at a file (e.g. "
+            f"{os.path.join(path, 'sara_anchors.safetensors')}, which `hf-sara anchors` writes), or leave it unset to "
+            "cache the anchors in output_dir."
+        )
     if not os.path.isfile(path):
-        raise _file_error(path, "it is a directory" if os.path.isdir(path) else "it does not exist")
+        raise ValueError(
+            f"{path} does not exist: point `sara_anchor_path` at an anchors file, or compute one with "
+            "`hf-sara anchors`."
+        )
     size = os.path.getsize(path)
     with open(path, "rb") as handle:
         prefix = handle.read(_HEADER_SIZE_BYTES)
