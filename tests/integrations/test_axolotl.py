@@ -234,3 +234,20 @@ def test_the_example_recipe_passes_axolotl_s_validation():
     cfg = _validated(config)
     assert cfg.sara_weight == 1.5 and cfg.sara_layers == "7-34"
     assert cfg.datasets[0]["type"] == "hf_sara.integrations.axolotl.chat_template"
+
+
+def test_the_trainer_refuses_arguments_without_sara_and_packing_without_a_row_collator(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from hf_sara.integrations.axolotl.trainer import AxolotlSARATrainer
+
+    trainer = object.__new__(AxolotlSARATrainer)  # the checks alone, before any model or dataset
+    with pytest.raises(ValueError, match="list `hf_sara.integrations.axolotl.SARAPlugin` under `plugins:`"):
+        trainer._sara_arguments(None, TrainingArguments(str(tmp_path)))
+    trainer.args, trainer._sara_axolotl_row_collator = SimpleNamespace(sample_packing=True), None
+    with pytest.raises(ValueError, match="bench_data_collator"):
+        trainer._sara_row_collator()
+    trainer.args.sample_packing = False
+    assert trainer._sara_row_collator() is None
