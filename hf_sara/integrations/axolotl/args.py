@@ -41,8 +41,6 @@ SARAInputArgs = create_model(
         for field in dataclasses.fields(SARAArguments)
     },
 )
-"""The SARA settings as top-level keys of an Axolotl YAML: one per field of [`SARAArguments`] (same names, same
-meaning); a key left out takes the library's default."""
 
 
 def sara_training_args(cfg: typing.Mapping[str, typing.Any]) -> dict[str, typing.Any]:
