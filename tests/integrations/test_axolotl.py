@@ -142,6 +142,7 @@ def test_full_fine_tuning_end_to_end(workspace):
 
 def test_lora_with_sample_packing_end_to_end(workspace):
     lora = dict(adapter="lora", lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
+    # Packed evaluation (Axolotl's default under `sample_packing`) logged no `eval_loss` here even without the plugin.
     output, logs = _axolotl_train(workspace, "lora_packed", sample_packing=True, eval_sample_packing=False, **lora)
     _check_sara_run(output, logs)
     assert (output / "sara_anchors.safetensors").is_file() and (output / "adapter_model.safetensors").is_file()
