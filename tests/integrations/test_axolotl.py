@@ -155,12 +155,14 @@ def test_online_anchors_and_anchor_sft_with_sample_packing_end_to_end(workspace)
         sample_packing=True,
         sara_anchor_mode="online",
         anchor_sft_weight=0.5,
+        sara_pooling="completion",  # the pooled-token check reads the rows through the row collator
         val_set_size=0.0,
         eval_steps=None,
     )
     _check_sara_run(output, logs, evaluated=False)
     assert all("sara/anchor_sft_loss" in entry for entry in logs if "loss" in entry)
     assert not (output / "sara_anchors.safetensors").exists()
+    assert "| sara_pooling | completion |" in (output / "README.md").read_text()
 
 
 def _strategy_config(workspace: Path) -> tuple[DictDefault, DictDefault]:
@@ -248,7 +250,27 @@ def test_the_trainer_refuses_arguments_without_sara_and_packing_without_a_row_co
     with pytest.raises(ValueError, match="list `hf_sara.integrations.axolotl.SARAPlugin` under `plugins:`"):
         trainer._sara_arguments(None, TrainingArguments(str(tmp_path)))
     trainer.args, trainer._sara_axolotl_row_collator = SimpleNamespace(sample_packing=True), None
-    with pytest.raises(ValueError, match="bench_data_collator"):
+    with pytest.raises(ValueError, match="collator of plain rows"):
         trainer._sara_row_collator()
     trainer.args.sample_packing = False
     assert trainer._sara_row_collator() is None
+
+
+def test_anchors_under_packing_are_collated_as_rows_with_the_multipack_collator_s_settings(workspace):
+    from axolotl.utils.collators import V2BatchSamplerDataCollatorForSeq2Seq
+    from transformers import AutoTokenizer
+
+    from hf_sara.integrations.axolotl.trainer import _row_collator
+
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
+    packing = V2BatchSamplerDataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8)
+    rows = [
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "attention_mask": [1, 1, 1], "position_ids": [0, 1, 2]},
+        {"input_ids": [8], "labels": [8], "attention_mask": [1], "position_ids": [0]},
+    ]
+    # The multipack collator packs a list of rows into one; the row collator pads them, one per row, alike.
+    assert packing(copy.deepcopy(rows))["input_ids"].shape == (1, 8)
+    batch = _row_collator(packing, None)(copy.deepcopy(rows))
+    assert batch["input_ids"].shape == (2, 8) and batch["position_ids"].shape == (2, 8)
+    assert batch["labels"][1].tolist() == [8] + [-100] * 7 and batch["attention_mask"].sum().item() == 4
+    assert _row_collator(object(), "fallback") == "fallback"

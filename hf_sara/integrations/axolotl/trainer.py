@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from axolotl.core.trainers.base import AxolotlTrainer
+from axolotl.utils.collators import DataCollatorForSeq2Seq
 from transformers import DataCollatorWithFlattening, TrainingArguments
 
 from ...training.arguments import SARAArguments
@@ -19,13 +21,14 @@ class AxolotlSARATrainer(SARAMixin, AxolotlTrainer):
 
     Beyond the mixin, it keeps Axolotl's own training arguments (built with the SARA settings by the plugin's
     training-arguments mixin), wraps Axolotl's evaluation collator as well as its training one, and, under
-    `sample_packing`, collates the anchors with Axolotl's collator of plain rows (`bench_data_collator`, a padded
-    `DataCollatorForSeq2Seq`): the multipack collator takes bins of rows, which the anchors are not.
+    `sample_packing`, collates the anchors (and the rows its checks read) with Axolotl's collator of plain rows,
+    `DataCollatorForSeq2Seq` with the multipack collator's settings (which pads `position_ids` too): the multipack
+    collator takes bins of rows, and concatenates whatever else it is given into one.
     """
 
     def __init__(self, *args: Any, bench_data_collator: Any = None, eval_data_collator: Any = None, **kwargs: Any):
         # Read by `_sara_row_collator` during the mixin's initialisation.
-        self._sara_axolotl_row_collator = bench_data_collator
+        self._sara_axolotl_row_collator = _row_collator(kwargs.get("data_collator"), bench_data_collator)
         super().__init__(
             *args, bench_data_collator=bench_data_collator, eval_data_collator=eval_data_collator, **kwargs
         )
@@ -55,9 +58,21 @@ class AxolotlSARATrainer(SARAMixin, AxolotlTrainer):
         if getattr(self.args, "sample_packing", False):
             if self._sara_axolotl_row_collator is None:
                 raise ValueError(
-                    "With `sample_packing`, SARA collates the anchors with Axolotl's collator of plain rows "
-                    "(`bench_data_collator`), which this trainer was built without: build it through Axolotl's "
-                    "trainer builder, or pass `bench_data_collator=DataCollatorForSeq2Seq(tokenizer)`."
+                    "With `sample_packing`, SARA collates the anchors with a collator of plain rows: Axolotl's "
+                    "`DataCollatorForSeq2Seq` with the settings of the multipack collator, or the trainer's "
+                    "`bench_data_collator`; this trainer has neither. Build it through Axolotl's trainer builder, or "
+                    "pass `bench_data_collator=axolotl.utils.collators.DataCollatorForSeq2Seq(tokenizer)`."
                 )
             return self._sara_axolotl_row_collator
         return None
+
+
+def _row_collator(collator: Any, fallback: Any) -> Any:
+    """
+    Axolotl's `DataCollatorForSeq2Seq` with the settings of `collator` when it is one of Axolotl's (its multipack
+    collators are subclasses that concatenate each bin before padding), else `fallback`.
+    """
+    if isinstance(collator, DataCollatorForSeq2Seq):
+        fields = dataclasses.fields(DataCollatorForSeq2Seq)
+        return DataCollatorForSeq2Seq(**{field.name: getattr(collator, field.name) for field in fields})
+    return fallback
