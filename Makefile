@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Axolotl's pinned environment, for the Axolotl plugin's tests.
+AXOLOTL_VENV := .venv-axolotl
+AXOLOTL_BIN := $(AXOLOTL_VENV)/bin
+AXOLOTL_STAMP := $(AXOLOTL_VENV)/.installed
+# Where torch's CPU build comes from, e.g. TORCH_PIP_FLAGS="--index-url https://download.pytorch.org/whl/cpu".
+TORCH_PIP_FLAGS ?=
 
-.PHONY: setup demo test lint families-table clean
+.PHONY: setup demo test test-axolotl lint families-table clean
 
 $(STAMP): setup.cfg pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +21,24 @@ $(STAMP): setup.cfg pyproject.toml requirements-dev.txt
 
 setup: $(STAMP)
 
+# torch first (a CPU build), then Axolotl and hf_sara in one resolution, with hf_sara's dependencies: pip refuses if
+# hf_sara's requirements cannot stand beside Axolotl's pins.
+$(AXOLOTL_STAMP): setup.cfg pyproject.toml requirements-axolotl.txt
+	$(PYTHON) -m venv $(AXOLOTL_VENV)
+	$(AXOLOTL_BIN)/python -m pip install --quiet --upgrade pip
+	$(AXOLOTL_BIN)/python -m pip install --quiet torch==2.13.0 $(TORCH_PIP_FLAGS)
+	$(AXOLOTL_BIN)/python -m pip install --quiet -r requirements-axolotl.txt -e .
+	$(AXOLOTL_BIN)/python -m pip check
+	touch $(AXOLOTL_STAMP)
+
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/hf-sara demo --output-dir outputs/demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+test-axolotl: $(AXOLOTL_STAMP)
+	HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 $(AXOLOTL_BIN)/python -m pytest -q tests/integrations tests/test_mixin.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check hf_sara tests examples utils benchmarks
@@ -29,4 +48,4 @@ families-table: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python utils/families_table.py --write README.md
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(AXOLOTL_VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -69,3 +69,27 @@ def test_unprepared_examples_are_refused():
 def test_row_ids_are_long_tensors():
     collator = SARADataCollator(DataCollatorForLanguageModeling(pad_token_id=PAD), _store(), False, False)
     assert collator(_examples())[ROW_IDS_KEY].dtype == torch.long
+
+
+def _bin_collator(features):
+    """Concatenates each bin into one row, then pads, as Axolotl's multipack collator does."""
+    rows = [{"input_ids": [token for row in bin_ for token in row["input_ids"]]} for bin_ in features]
+    return DataCollatorForLanguageModeling(pad_token_id=PAD)(rows)
+
+
+def test_bins_of_rows_get_the_row_of_every_token_and_their_anchors_a_padded_batch():
+    row_collator = DataCollatorForLanguageModeling(pad_token_id=PAD)
+    collator = SARADataCollator(_bin_collator, _store(), False, True, row_collator=row_collator)
+    bins = [[{"input_ids": [1, 2], ROW_COLUMN: 2}, {"input_ids": [3], ROW_COLUMN: 1}], _examples()[:1]]
+    batch = collator(bins)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [1, 2, 3]]
+    assert batch[ROW_IDS_KEY].tolist() == [[2, 2, 1], [0, 0, 0]]
+    # The anchors (rows 0 and 2) are rows, not bins: the row collator pads them, one sequence per row.
+    assert batch[ANCHOR_KEY_PREFIX + "input_ids"].tolist() == [[9, 9, 9], [8, PAD, PAD]]
+    assert batch[ANCHOR_KEY_PREFIX + ROW_IDS_KEY].tolist() == [[0, 0, 0], [2, -1, -1]]
+
+
+def test_bins_without_row_ids_are_refused():
+    collator = SARADataCollator(_bin_collator, _store(), False, False)
+    with pytest.raises(ValueError, match="not prepared by SARATrainer"):
+        collator([[{"input_ids": [1, 2]}]])

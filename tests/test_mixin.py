@@ -198,3 +198,44 @@ def test_an_sft_loss_on_the_anchors_needs_their_labels(tmp_path):
     )
     with pytest.raises(ValueError, match="anchor_labels"):
         trainer.train()
+
+
+class _CountingCollator:
+    """A collator of rows that counts the rows it collates."""
+
+    def __init__(self):
+        self.collator, self.rows = collator(), 0
+
+    def __call__(self, rows):
+        assert all(isinstance(row, dict) for row in rows)
+        self.rows += len(rows)
+        return self.collator(rows)
+
+
+def test_a_trainer_s_row_collator_collates_the_anchors(tmp_path):
+    class RowCollatorTrainer(SARATokenizedTrainer):
+        # What a trainer whose own collator takes bins of rows (Axolotl's multipack) does.
+        def _sara_row_collator(self):
+            return rows
+
+    rows = _CountingCollator()
+    trainer = RowCollatorTrainer(
+        model=pairs_model(),
+        args=plain_arguments(tmp_path / "rows", sara_anchor_mode="offline"),
+        train_dataset=tokenized_pairs(),
+        data_collator=collator(),
+    )
+    table = trainer.train_anchor_table()
+    assert rows.rows >= 16 - len(ANCHORLESS_ROWS)  # every anchor went through it (and the verification batch)
+    reference = _plain_trainer(tmp_path / "plain").train_anchor_table()
+    torch.testing.assert_close(table, reference, rtol=0, atol=1e-6)
+
+    rows.rows = 0
+    online = RowCollatorTrainer(
+        model=pairs_model(),
+        args=plain_arguments(tmp_path / "online", sara_anchor_mode="online", **STEP),
+        train_dataset=tokenized_pairs(),
+        data_collator=collator(),
+    )
+    _, logs = _train(online)
+    assert rows.rows > 0 and "sara/js" in logs

@@ -83,8 +83,11 @@ class SARADataCollator:
 
     - `sara_row_ids` (`[batch, seq_len]`): the global row id of every token, -1 for padding, laid out like
       `input_ids` (for padding-free and packed batches, runs of equal ids are the sequences);
-    - with `collate_anchors=True`, the batch of the examples' anchors, collated by the same collator, under keys
-      `sara_anchor__<name>` (including their own `sara_anchor__sara_row_ids`).
+    - with `collate_anchors=True`, the batch of the examples' anchors, collated by the same collator (or by
+      `row_collator`), under keys `sara_anchor__<name>` (including their own `sara_anchor__sara_row_ids`).
+
+    The examples are either rows, or bins of rows (lists of rows, as Axolotl's multipack sampler hands them to its
+    collator, which concatenates each bin into one row of the batch): a bin's row ids are those of its rows in turn.
 
     Args:
         collator (`Callable`):
@@ -95,30 +98,59 @@ class SARADataCollator:
             Whether `collator` concatenates a batch into one row.
         collate_anchors (`bool`):
             Whether to add the anchors' batch (online anchors, or an SFT loss on the anchors).
+        row_collator (`Callable`, *optional*):
+            A collator of plain rows into a padded batch, one row per sequence, for the anchors' batch when
+            `collator` takes something else (bins). Defaults to `collator`.
     """
 
-    def __init__(self, collator: Callable, store: AnchorStore, padding_free: bool, collate_anchors: bool):
+    def __init__(
+        self,
+        collator: Callable,
+        store: AnchorStore,
+        padding_free: bool,
+        collate_anchors: bool,
+        row_collator: Callable | None = None,
+    ):
         self.collator = collator
         self.store = store
         self.padding_free = padding_free
         self.collate_anchors = collate_anchors
+        self.row_collator = row_collator
 
-    def _token_rows(self, examples: list[dict[str, Any]]) -> list[list[int]]:
-        if TOKEN_ROWS_COLUMN in examples[0]:
-            return [list(example[TOKEN_ROWS_COLUMN]) for example in examples]
-        return [[example[ROW_COLUMN]] * len(example["input_ids"]) for example in examples]
+    @staticmethod
+    def _rows_of(example: dict[str, Any]) -> list[int]:
+        if TOKEN_ROWS_COLUMN in example:
+            return list(example[TOKEN_ROWS_COLUMN])
+        return [example[ROW_COLUMN]] * len(example["input_ids"])
 
-    def collate_with_row_ids(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        """The wrapped collator's batch of `examples` (prepared rows), plus their `sara_row_ids`."""
+    def _token_rows(self, examples: list) -> list[list[int]]:
+        if examples and isinstance(examples[0], list):  # bins: each is one row of the batch
+            return [[row for example in bin_ for row in self._rows_of(example)] for bin_ in examples]
+        return [self._rows_of(example) for example in examples]
+
+    def collate_with_row_ids(
+        self, examples: list, collator: Callable | None = None, padding_free: bool | None = None
+    ) -> dict[str, Any]:
+        """
+        The batch of `examples` (prepared rows, or bins of them), plus their `sara_row_ids`: collated by the wrapped
+        collator, or by `collator`, which concatenates a batch into one row when `padding_free`.
+        """
         token_rows = self._token_rows(examples)
         ours = (ROW_COLUMN, TOKEN_ROWS_COLUMN)
-        stripped = [{key: value for key, value in example.items() if key not in ours} for example in examples]
-        batch = self.collator(stripped)
-        batch[ROW_IDS_KEY] = _row_ids(token_rows, batch["input_ids"].shape[1], self.padding_free)
+
+        def strip(example):
+            return {key: value for key, value in example.items() if key not in ours}
+
+        stripped = [[strip(row) for row in item] if isinstance(item, list) else strip(item) for item in examples]
+        collator = collator or self.collator
+        padding_free = self.padding_free if padding_free is None else padding_free
+        batch = collator(stripped)
+        batch[ROW_IDS_KEY] = _row_ids(token_rows, batch["input_ids"].shape[1], padding_free)
         return batch
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        if ROW_COLUMN not in examples[0] and TOKEN_ROWS_COLUMN not in examples[0]:
+    def __call__(self, examples: list) -> dict[str, Any]:
+        first = examples[0][0] if isinstance(examples[0], list) else examples[0]
+        if ROW_COLUMN not in first and TOKEN_ROWS_COLUMN not in first:
             raise ValueError(
                 f"SARADataCollator got examples without a `{ROW_COLUMN}` column: the dataset was not prepared by "
                 "SARATrainer (do not pass `dataset_kwargs={'skip_prepare_dataset': True}` with SARA)."
@@ -128,6 +160,9 @@ class SARADataCollator:
             rows = sorted(set(batch[ROW_IDS_KEY][batch[ROW_IDS_KEY] >= 0].tolist()))
             anchors = [self.store.anchor(row) for row in rows if self.store.has_anchor(row)]
             if anchors:
-                anchor_batch = self.collate_with_row_ids(anchors)
+                if self.row_collator is not None:
+                    anchor_batch = self.collate_with_row_ids(anchors, self.row_collator, padding_free=False)
+                else:
+                    anchor_batch = self.collate_with_row_ids(anchors)
                 batch.update({ANCHOR_KEY_PREFIX + key: value for key, value in anchor_batch.items()})
         return batch

@@ -156,6 +156,7 @@ class SARAMixin:
             self._sara_store,
             padding_free=self._sara_padding_free(),
             collate_anchors=self.args.sara_anchor_mode == "online" or self.args.anchor_sft_weight > 0,
+            row_collator=self._sara_row_collator(),
         )
         if self.args.sara_pooling != "all":
             self._check_pooled_tokens()
@@ -179,6 +180,15 @@ class SARAMixin:
             return target(f"{(name or 'model').split('/')[-1]}-SARA")
         return convert_training_arguments(args, target)
 
+    def _sara_row_collator(self) -> Any:
+        """
+        A collator of plain rows into a padded batch (one row per sequence), for a trainer whose own collator takes
+        something else, such as Axolotl's multipack collator (bins of rows): the anchors are then collated by it (the
+        offline pass, the online anchors' batch) and so are the rows the pooled-token check reads. `None` (the
+        default): the trainer's own collator.
+        """
+        return None
+
     def _sara_padding_free(self) -> bool:
         """Whether the trainer's collator concatenates a batch's sequences into one row."""
         return bool(getattr(self, "padding_free", False)) or isinstance(self.data_collator, DataCollatorWithFlattening)
@@ -188,7 +198,13 @@ class SARAMixin:
         With `sara_pooling` "prompt" or "completion", refuses rows whose example or anchor has no such token: their
         routing would be an empty mean, and the row would silently drop out of the alignment.
         """
-        collator = SARADataCollator(self._sara_base_collator, self._sara_store, self._sara_padding_free(), False)
+        row_collator = self._sara_row_collator()
+        collator = SARADataCollator(
+            row_collator or self._sara_base_collator,
+            self._sara_store,
+            padding_free=row_collator is None and self._sara_padding_free(),
+            collate_anchors=False,
+        )
         for name, offset in self._sara_store.offsets.items():
             sides = {"example": self._sara_prepared_examples[name], "anchor": self._sara_store.tables[name]}
             for side, dataset in sides.items():
@@ -374,7 +390,7 @@ class SARAMixin:
             trained=resuming or self.state.global_step > 0,
             path_given=self.args.sara_anchor_path is not None,
             may_create=may_create_path,
-            data_collator=self._sara_base_collator,
+            data_collator=self._sara_row_collator() or self._sara_base_collator,
             batch_size=self.args.per_device_eval_batch_size,
             device=self.args.device,
             process_index=self.accelerator.process_index,
