@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 AXOLOTL_VENV := .venv-axolotl
 AXOLOTL_BIN := $(AXOLOTL_VENV)/bin
 AXOLOTL_STAMP := $(AXOLOTL_VENV)/.installed
-# Where torch's CPU build comes from, e.g. TORCH_PIP_FLAGS="--index-url https://download.pytorch.org/whl/cpu".
+# Where torch's CPU build comes from, e.g. TORCH_PIP_FLAGS="--index-url <a CPU wheel index>".
 TORCH_PIP_FLAGS ?=
 
 .PHONY: setup demo test test-axolotl lint families-table clean
