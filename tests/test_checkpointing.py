@@ -27,6 +27,7 @@ from hf_sara.routing.capture import RoutingCapture
 from hf_sara.routing.deferred import DeferredAlignment
 
 from .testing_utils import (
+    LINEAR_STEP,
     NUM_EXPERTS,
     load_pairs,
     pairs_model,
@@ -286,15 +287,7 @@ def test_captures_do_not_leak_over_training_steps(gradient):
 # SARATrainer under each checkpointing mode: one SGD step without clipping, so the update is linear in the gradient and
 # the alignment term's share of it is the difference with a run of weight 0.
 
-STEP = dict(
-    max_steps=1,
-    optim="sgd",
-    learning_rate=1.0,
-    lr_scheduler_type="constant",
-    max_grad_norm=0.0,
-    per_device_train_batch_size=2,
-    gradient_accumulation_steps=2,
-)
+STEP = dict(**LINEAR_STEP, per_device_train_batch_size=2, gradient_accumulation_steps=2)
 CHECKPOINTING = {
     "none": {},
     "non_reentrant": dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}),

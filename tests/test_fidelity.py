@@ -8,7 +8,7 @@ import torch
 from hf_sara import DEFAULT_LAYERS, PUBLISHED_BAND, SARAConfig, SARATrainer, patch_model, resolve_layers
 
 from .test_distributed import SCRIPT, launch, launch_one_process, model_dir  # noqa: F401 - the fixture
-from .testing_utils import load_pairs, pairs_model, pairs_tokenizer, sara_config, without_anchors
+from .testing_utils import LINEAR_STEP, load_pairs, pairs_model, pairs_tokenizer, sara_config, without_anchors
 
 
 @pytest.mark.parametrize("num_layers", range(1, 129))
@@ -23,16 +23,7 @@ def test_the_default_band_is_the_published_one_at_48_layers():
     assert resolve_layers(DEFAULT_LAYERS, 48) == list(range(7, 35))
 
 
-# One SGD step (no clipping, constant rate): the update is linear in the gradient, so the alignment term's share of
-# the router update is the difference with a weight-0 run.
-STEP = dict(
-    max_steps=1,
-    optim="sgd",
-    learning_rate=0.5,
-    lr_scheduler_type="constant",
-    max_grad_norm=0.0,
-    per_device_train_batch_size=2,
-)
+STEP = {**LINEAR_STEP, "learning_rate": 0.5, "per_device_train_batch_size": 2}
 
 
 def _router_update(output_dir, **overrides) -> dict[str, torch.Tensor]:

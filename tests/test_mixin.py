@@ -13,7 +13,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from hf_sara import SARAMixin, SARATrainer, SARATrainingArguments
 from hf_sara.training.arguments import convert_training_arguments
 
-from .testing_utils import TRAINING_ARGUMENTS, load_pairs, pairs_model, pairs_tokenizer, sara_config
+from .testing_utils import LINEAR_STEP, TRAINING_ARGUMENTS, load_pairs, pairs_model, pairs_tokenizer, sara_config
 
 ANCHORLESS_ROWS = [1, 4, 6, 9, 12, 14]
 
@@ -50,16 +50,7 @@ def collator():
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
 
-STEP = dict(
-    max_steps=1,
-    optim="sgd",
-    learning_rate=1.0,
-    lr_scheduler_type="constant",
-    max_grad_norm=0.0,
-    per_device_train_batch_size=4,
-    gradient_accumulation_steps=2,
-    logging_steps=1,
-)
+STEP = dict(**LINEAR_STEP, per_device_train_batch_size=4, gradient_accumulation_steps=2, logging_steps=1)
 
 
 def plain_arguments(output_dir, **overrides) -> SARATrainingArguments:

@@ -154,6 +154,11 @@ TRAINING_ARGUMENTS = dict(
 )
 
 
+# One SGD step without clipping at a constant rate: the update is linear in the gradient, so the alignment term's share
+# of an update is the difference with a run of weight 0.
+LINEAR_STEP = dict(max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0)
+
+
 def sara_config(output_dir: str, **overrides: Any):
     """A SARAConfig for quick, deterministic CPU runs, aligning all 4 layers of the tiny models."""
     from hf_sara import SARAConfig
