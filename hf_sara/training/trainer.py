@@ -17,6 +17,7 @@ from transformers.utils import logging
 from trl import SFTTrainer
 from trl.data_utils import pack_dataset
 
+from ..compat import causal_lm_loss
 from ..files.checkpoints import complete_checkpoint
 from ..files.lock import directory_lock
 from ..routing.capture import activation_checkpointing, capture_routing
@@ -549,8 +550,7 @@ class SARATrainer(SFTTrainer):
             with capture_routing(
                 model, shape, attention_mask, token_mask=token_mask, sequence_ids=sequence_ids, gradient=gradient
             ) as cap:
-                outputs = model(**anchor_inputs, use_cache=False, fused_lm_head=True)
-            sft_loss = -outputs.log_probs.sum() / outputs.label_mask.sum().clamp(min=1)
+                sft_loss = causal_lm_loss(model, anchor_inputs)
         else:
             inputs = {key: value for key, value in anchor_inputs.items() if key != "labels"}
             with torch.no_grad():

@@ -1,0 +1,203 @@
+"""What hf_sara does differently with the older releases it supports (down to transformers 5.14.1, TRL 1.8.0 and
+PEFT 0.19.1, the pins of Axolotl 0.19): every version check of the package is here, and each work-around names the
+release that lets it go. Drop one once the oldest supported release is at least that one.
+
+- router declarations that transformers added after 5.14 ([`router_declaration`], until transformers 5.19.0);
+- activation checkpointing under its new name ([`enable_activation_checkpointing`], until transformers 5.23.0);
+- LoRA adapters loaded on MoE models with checkpoint conversion ([`peft_adapter_loading`], until PEFT 0.20.0);
+- the per-token log-probabilities of TRL's fused LM head ([`causal_lm_loss`], until TRL 1.15.0).
+
+The TRL work-arounds that need hf_sara's routing facts stay in `hf_sara.training.compat`. This module imports nothing
+from hf_sara, so that every layer (routing included) can use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from packaging.version import Version
+from torch import nn
+
+
+@functools.cache
+def installed_version(package: str) -> Version:
+    """The installed release of `package` (`"transformers"`, `"trl"`, `"peft"`, ...), without its local label."""
+    from importlib.metadata import version
+
+    return Version(Version(version(package)).base_version)
+
+
+def is_older_than(package: str, release: str) -> bool:
+    """Whether the installed `package` predates `release`: the test for a work-around that `release` lets go."""
+    return installed_version(package) < Version(release)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Routers that transformers declares in `_can_record_outputs["router_logits"]` only from a later release, by the
+# `model_type` of the model that owns them: (router class, index of the logits in its output, first release that
+# declares it). The router classes of transformers 5.14.1 already return their logits at that index.
+LATE_ROUTER_DECLARATIONS: dict[str, tuple[str, int, str]] = {
+    "granitemoe": ("GraniteMoeTopKRouter", 2, "5.18.0"),
+    "granitemoeshared": ("GraniteMoeSharedTopKRouter", 2, "5.18.0"),
+    "deepseek_v2": ("DeepseekV2TopkRouter", 0, "5.19.0"),
+    "deepseek_v3": ("DeepseekV3TopkRouter", 0, "5.19.0"),
+    "dots1": ("Dots1TopkRouter", 0, "5.19.0"),
+    "glm4_moe": ("Glm4MoeTopkRouter", 0, "5.19.0"),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Gate", 0, "5.19.0"),
+    "lfm2_moe": ("Lfm2MoeTopKRouter", 0, "5.19.0"),
+}
+
+
+def router_declaration(model: nn.Module) -> Any:
+    """
+    The `_can_record_outputs["router_logits"]` entry of a transformers (sub-)model, or `None`.
+
+    For the families of [`LATE_ROUTER_DECLARATIONS`], whose model classes declare their routers only from transformers
+    5.18.0 or 5.19.0, an older model class that declares none gets the declaration of the release that added it (an
+    `OutputRecorder` on the router class of the model's own module), so their routers are found as on newer releases.
+    """
+    declared = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    if declared is not None:
+        return declared
+    late = LATE_ROUTER_DECLARATIONS.get(getattr(getattr(model, "config", None), "model_type", None))
+    if late is None or not is_older_than("transformers", late[2]):
+        return None
+    router_class = getattr(sys.modules.get(type(model).__module__), late[0], None)
+    if router_class is None:  # remote code, or a class of another name: left to the fallback
+        return None
+    from transformers.utils.output_capturing import OutputRecorder
+
+    return OutputRecorder(router_class, index=late[1])
+
+
+def enable_activation_checkpointing(
+    model: nn.Module, checkpointing_kwargs: dict[str, Any] | None = None, every_n_layers: int = 1
+) -> None:
+    """
+    Turns on transformers' activation checkpointing of `model` (a `PreTrainedModel` or a PEFT model):
+    `activation_checkpointing_enable` from transformers 5.23.0, `gradient_checkpointing_enable` before it.
+
+    Args:
+        model (`torch.nn.Module`):
+            The model.
+        checkpointing_kwargs (`dict`, *optional*):
+            Passed to `torch.utils.checkpoint.checkpoint` (e.g. `{"use_reentrant": False}`).
+        every_n_layers (`int`, *optional*, defaults to 1):
+            Checkpoint every n-th decoder layer only (transformers 5.16.0 and later).
+
+    Raises:
+        `ValueError`: for `every_n_layers > 1` before transformers 5.16.0.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(checkpointing_kwargs, every_n_layers=every_n_layers)
+        return
+    extra = {}
+    if every_n_layers != 1:
+        if not supports_every_n_layers():
+            raise ValueError(
+                f"Checkpointing every {every_n_layers} layers needs transformers 5.16.0 or later (installed: "
+                f"{installed_version('transformers')})."
+            )
+        extra["every_n_layers"] = every_n_layers
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs, **extra)
+
+
+def supports_every_n_layers() -> bool:
+    """Whether transformers can checkpoint every n-th decoder layer only (from transformers 5.16.0)."""
+    from transformers import PreTrainedModel
+
+    method = getattr(PreTrainedModel, "activation_checkpointing_enable", PreTrainedModel.gradient_checkpointing_enable)
+    return "every_n_layers" in inspect.signature(method).parameters or not is_older_than("transformers", "5.16.0")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PEFT
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def peft_adapter_loading() -> Iterator[None]:
+    """
+    Lets PEFT before 0.20.0 load a LoRA adapter on a model that transformers converts at loading (fused MoE experts:
+    Qwen3-MoE, Mixtral, ...). PEFT 0.19 rebuilds transformers' `WeightConverter`s with the arguments
+    `distributed_operation` and `quantization_operation`, which the constructor of transformers 5.x does not take
+    (`TypeError: WeightConverter.__init__() got an unexpected keyword argument 'distributed_operation'`); for the
+    block, the constructor takes them and sets them as attributes, as PEFT 0.20.0 does. Does nothing with PEFT 0.20.0
+    and later.
+
+    ```python
+    with peft_adapter_loading():
+        model = PeftModel.from_pretrained(model, adapter)
+    ```
+    """
+    if not is_older_than("peft", "0.20.0"):
+        yield
+        return
+    from transformers.core_model_loading import WeightConverter
+
+    if "distributed_operation" in inspect.signature(WeightConverter.__init__).parameters:
+        yield
+        return
+    original = WeightConverter.__init__
+
+    @functools.wraps(original)
+    def init(self, *args, distributed_operation=None, quantization_operation=None, **kwargs):
+        original(self, *args, **kwargs)
+        self.distributed_operation = distributed_operation
+        self.quantization_operation = quantization_operation
+
+    WeightConverter.__init__ = init
+    try:
+        yield
+    finally:
+        WeightConverter.__init__ = original
+
+
+def load_peft_adapter(model: nn.Module, adapter: str, **kwargs: Any) -> nn.Module:
+    """`PeftModel.from_pretrained(model, adapter, **kwargs)`, under [`peft_adapter_loading`]."""
+    from peft import PeftModel
+
+    with peft_adapter_loading():
+        return PeftModel.from_pretrained(model, adapter, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRL
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def has_fused_lm_head() -> bool:
+    """Whether `SFTTrainer` gives the model TRL's fused LM head (`fused_lm_head=True`): from TRL 1.15.0."""
+    return not is_older_than("trl", "1.15.0")
+
+
+def causal_lm_loss(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """
+    The mean negative log-likelihood of the tokens that `inputs["labels"]` keeps (0 when it keeps none), computed
+    through the model as `SFTTrainer` prepared it, without the MoE load-balancing loss.
+
+    From TRL 1.15.0 through TRL's fused LM head (`fused_lm_head=True`, the per-token log-probabilities without the full
+    logits); before it, from the logits (or from the model's own loss when TRL's `loss_type="chunked_nll"` patched the
+    forward to return none).
+    """
+    if has_fused_lm_head():
+        outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+        return -outputs.log_probs.sum() / outputs.label_mask.sum().clamp(min=1)
+    labels = inputs["labels"]
+    outputs = model(**inputs, use_cache=False, output_router_logits=False)
+    if outputs.logits is None:
+        return outputs.loss
+    shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    token_losses = nn.functional.cross_entropy(
+        outputs.logits.float().flatten(0, -2), shift_labels.flatten().to(outputs.logits.device), reduction="sum"
+    )
+    return token_losses / (shift_labels != -100).sum().clamp(min=1)
