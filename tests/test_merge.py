@@ -6,12 +6,13 @@ import shutil
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from hf_sara import SARATrainer, patch_model, router_weight_names, routing_distributions
 from hf_sara.cli import main
+from hf_sara.compat import load_peft_adapter
 from hf_sara.tools.merge import _same_model, merge_adapter
 from hf_sara.training.model_card import sara_settings_section
 
@@ -103,7 +104,7 @@ def test_merged_model_equals_the_adapter_model(tmp_path, model_type):
 
     _assert_plain_model_folder(output_dir)
     assert _no_leftovers(tmp_path) == []
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    reference = load_peft_adapter(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
     merged = AutoModelForCausalLM.from_pretrained(output_dir).eval()
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
 
@@ -174,7 +175,7 @@ def test_sara_trainer_adapter_through_the_command_line(tmp_path, capsys):
     assert f"| base model | `{base_dir}` |" in card and "| output_router_logits | True" in card
     assert "| target_parameters | `experts.down_proj`, `experts.gate_up_proj`, `mlp.gate.weight` |" in card
 
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    reference = load_peft_adapter(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
     merged = AutoModelForCausalLM.from_pretrained(output_dir).eval()
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     input_ids, attention_mask = random_batch()
@@ -196,7 +197,7 @@ def test_trained_lm_head_of_tied_embeddings(tmp_path):
     base_dir = _save_base(tmp_path / "base", "qwen3_moe", tie_word_embeddings=True)
     adapter_dir = _save_adapter(tmp_path / "adapter", base_dir, "qwen3_moe")
     merge_adapter(base_dir, adapter_dir, str(tmp_path / "merged"))
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    reference = load_peft_adapter(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
     input_ids, attention_mask = random_batch()
     expected = _logits(reference, input_ids, attention_mask)

@@ -6,11 +6,12 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 from trl import SFTTrainer
 
 from hf_sara import SARATrainer, js_divergence, patch_model, routing_distributions
+from hf_sara.compat import load_peft_adapter
 from hf_sara.training.anchors import ANCHORS_FILE_NAME
 
 from .testing_utils import (
@@ -459,7 +460,7 @@ class TestSaving:
         ids = pairs_tokenizer()("Jua huchomoza wapi? Jua huchomoza mashariki.", return_tensors="pt").input_ids
         with torch.no_grad():
             trained = routing_distributions(trainer.model.eval(), ids)
-            reloaded = patch_model(PeftModel.from_pretrained(pairs_model(), tmp_path).eval())
+            reloaded = patch_model(load_peft_adapter(pairs_model(), tmp_path).eval())
             again = routing_distributions(reloaded, ids)
             base = routing_distributions(patch_model(pairs_model()).eval(), ids)
         torch.testing.assert_close(again, trained, rtol=0, atol=1e-6)
