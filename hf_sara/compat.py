@@ -5,7 +5,8 @@ release that lets it go. Drop one once the oldest supported release is at least 
 - router declarations that transformers added after 5.14 ([`router_declaration`], until transformers 5.19.0);
 - activation checkpointing under its new name ([`enable_activation_checkpointing`], until transformers 5.23.0);
 - LoRA adapters loaded on MoE models with checkpoint conversion ([`peft_adapter_loading`], until PEFT 0.20.0);
-- the per-token log-probabilities of TRL's fused LM head ([`causal_lm_loss`], until TRL 1.15.0).
+- the per-token log-probabilities of TRL's fused LM head ([`causal_lm_loss`], until TRL 1.15.0);
+- examples that truncation leaves without a token in the loss ([`rows_kept_by_preparation`], until TRL 1.9.0).
 
 The TRL work-arounds that need hf_sara's routing facts stay in `hf_sara.training.compat`. This module imports nothing
 from hf_sara, so that every layer (routing included) can use it.
@@ -201,3 +202,28 @@ def causal_lm_loss(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         outputs.logits.float().flatten(0, -2), shift_labels.flatten().to(outputs.logits.device), reduction="sum"
     )
     return token_losses / (shift_labels != -100).sum().clamp(min=1)
+
+
+def rows_kept_by_preparation(prepared: Any, row_column: str, max_length: int | None) -> set[int]:
+    """
+    The rows (their `row_column` ids) that `SFTTrainer`'s dataset preparation kept with a token in the loss.
+
+    From TRL 1.9.0 it drops the examples that truncation to `max_length` leaves without a token in the loss (a prompt
+    that fills `max_length`, say); TRL 1.8 keeps them, fully masked. Those are left out here as well, so that hf_sara
+    finds (and refuses) the same rows on every release.
+
+    Args:
+        prepared ([`~datasets.Dataset`]):
+            A dataset as `SFTTrainer._prepare_dataset` returned it, with the `row_column` hf_sara added.
+        row_column (`str`):
+            The column of the rows' ids.
+        max_length (`int`, *optional*):
+            The `max_length` it was truncated to.
+    """
+    if max_length is None or not is_older_than("trl", "1.9.0") or "labels" not in prepared.column_names:
+        return set(prepared[row_column])
+    emptied = prepared.filter(
+        lambda input_ids, labels: len(input_ids) >= max_length and all(label == -100 for label in labels),
+        input_columns=["input_ids", "labels"],
+    )
+    return set(prepared[row_column]) - set(emptied[row_column])

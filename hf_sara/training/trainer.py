@@ -17,7 +17,7 @@ from transformers.utils import logging
 from trl import SFTTrainer
 from trl.data_utils import pack_dataset
 
-from ..compat import causal_lm_loss
+from ..compat import causal_lm_loss, rows_kept_by_preparation
 from ..files.checkpoints import complete_checkpoint
 from ..files.lock import directory_lock
 from ..routing.capture import activation_checkpointing, capture_routing
@@ -268,7 +268,7 @@ class SARATrainer(SFTTrainer):
 
     @staticmethod
     def _check_nothing_dropped(before: Dataset, after: Dataset, offset: int, dataset_name: str, what: str, args):
-        dropped = sorted(set(before[ROW_COLUMN]) - set(after[ROW_COLUMN]))
+        dropped = sorted(set(before[ROW_COLUMN]) - rows_kept_by_preparation(after, ROW_COLUMN, args.max_length))
         if dropped:
             rows = [row - offset for row in dropped]
             raise ValueError(
