@@ -2,7 +2,7 @@
 PEFT 0.19.1, the pins of Axolotl 0.19): every version check of the package is here, and each work-around names the
 release that lets it go. Drop one once the oldest supported release is at least that one.
 
-- router declarations that transformers added after 5.14 ([`router_declaration`], until transformers 5.19.0);
+- router declarations that transformers added in 5.18 and 5.19 ([`router_declaration`], until transformers 5.19.0);
 - activation checkpointing under its new name ([`enable_activation_checkpointing`], until transformers 5.23.0);
 - LoRA adapters loaded on MoE models with checkpoint conversion ([`peft_adapter_loading`], until PEFT 0.20.0);
 - the per-token log-probabilities of TRL's fused LM head ([`causal_lm_loss`], until TRL 1.15.0);
@@ -43,9 +43,10 @@ def is_older_than(package: str, release: str) -> bool:
 # transformers
 # ---------------------------------------------------------------------------------------------------------------------
 
-# Routers that transformers declares in `_can_record_outputs["router_logits"]` only from a later release, by the
-# `model_type` of the model that owns them: (router class, index of the logits in its output, first release that
-# declares it). The router classes of transformers 5.14.1 already return their logits at that index.
+# Router declarations (`_can_record_outputs["router_logits"]`) of transformers' later releases, by the `model_type` of
+# the model that owns the routers: (router class, index of the logits in its output, first release that declares it).
+# Older releases declare none, or (Llama 4) the MoE block, whose output holds the same logits; their router classes
+# already return the logits at that index.
 LATE_ROUTER_DECLARATIONS: dict[str, tuple[str, int, str]] = {
     "granitemoe": ("GraniteMoeTopKRouter", 2, "5.18.0"),
     "granitemoeshared": ("GraniteMoeSharedTopKRouter", 2, "5.18.0"),
@@ -55,29 +56,37 @@ LATE_ROUTER_DECLARATIONS: dict[str, tuple[str, int, str]] = {
     "glm4_moe": ("Glm4MoeTopkRouter", 0, "5.19.0"),
     "hunyuan_v1_moe": ("HunYuanMoEV1Gate", 0, "5.19.0"),
     "lfm2_moe": ("Lfm2MoeTopKRouter", 0, "5.19.0"),
+    "llama4_text": ("Llama4Router", 1, "5.19.0"),
 }
 
 
-def router_declaration(model: nn.Module) -> Any:
+def late_router_declaration(model: nn.Module) -> Any:
     """
-    The `_can_record_outputs["router_logits"]` entry of a transformers (sub-)model, or `None`.
-
-    For the families of [`LATE_ROUTER_DECLARATIONS`], whose model classes declare their routers only from transformers
-    5.18.0 or 5.19.0, an older model class that declares none gets the declaration of the release that added it (an
-    `OutputRecorder` on the router class of the model's own module), so their routers are found as on newer releases.
+    For a model of a family in [`LATE_ROUTER_DECLARATIONS`] under a transformers release older than the one that
+    declares its routers, that declaration (an `OutputRecorder` on the router class of the model's own module);
+    `None` otherwise, and for remote code.
     """
-    declared = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
-    if declared is not None:
-        return declared
     late = LATE_ROUTER_DECLARATIONS.get(getattr(getattr(model, "config", None), "model_type", None))
     if late is None or not is_older_than("transformers", late[2]):
         return None
     router_class = getattr(sys.modules.get(type(model).__module__), late[0], None)
-    if router_class is None:  # remote code, or a class of another name: left to the fallback
+    if router_class is None:
         return None
     from transformers.utils.output_capturing import OutputRecorder
 
     return OutputRecorder(router_class, index=late[1])
+
+
+def router_declaration(model: nn.Module) -> Any:
+    """
+    The `_can_record_outputs["router_logits"]` entry of a transformers (sub-)model, or `None`: its own, or for the
+    families of [`LATE_ROUTER_DECLARATIONS`] under transformers older than 5.18.0 or 5.19.0, the declaration of the
+    release that declares their routers, so that their routers are found as on newer releases.
+    """
+    late = late_router_declaration(model)
+    if late is not None:
+        return late
+    return (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
 
 
 def enable_activation_checkpointing(
