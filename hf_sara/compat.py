@@ -2,7 +2,8 @@
 PEFT 0.19.1, the pins of Axolotl 0.19): every version check of the package is here, and each work-around names the
 release that lets it go. Drop one once the oldest supported release is at least that one.
 
-- router declarations that transformers added in 5.18 and 5.19 ([`router_declaration`], until transformers 5.19.0);
+- router declarations that transformers added in 5.18 and 5.19 ([`router_declaration`], and their router logits
+  recorded for the MoE load-balancing loss: [`late_router_logits_recorded`], until transformers 5.19.0);
 - activation checkpointing under its new name ([`enable_activation_checkpointing`], until transformers 5.23.0);
 - LoRA adapters loaded on MoE models with checkpoint conversion ([`peft_adapter_loading`], until PEFT 0.20.0);
 - the per-token log-probabilities of TRL's fused LM head ([`causal_lm_loss`], until TRL 1.15.0);
@@ -60,6 +61,9 @@ LATE_ROUTER_DECLARATIONS: dict[str, tuple[str, int, str]] = {
 }
 
 
+_MISSING = object()
+
+
 def late_router_declaration(model: nn.Module) -> Any:
     """
     For a model of a family in [`LATE_ROUTER_DECLARATIONS`] under a transformers release older than the one that
@@ -87,6 +91,52 @@ def router_declaration(model: nn.Module) -> Any:
     if late is not None:
         return late
     return (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+
+
+@contextlib.contextmanager
+def late_router_logits_recorded(model: nn.Module) -> Iterator[None]:
+    """
+    Makes transformers record the router logits (`output_router_logits=True`) of the families of
+    [`LATE_ROUTER_DECLARATIONS`] under the releases that do not declare their routers yet, for the block: their model
+    classes get the later release's declaration. Without it their MoE load-balancing loss has no logits to work with,
+    and training GraniteMoE with it fails (`AttributeError: 'int' object has no attribute 'to'`, transformers 5.14.1
+    with TRL 1.8.0); the DeepSeek-style families have no such loss. The hooks installed on the model stay, inactive
+    once the block ends.
+    """
+    from transformers import PreTrainedModel
+    from transformers.utils import output_capturing
+
+    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+    restore: dict[type, tuple[Any, Any]] = {}
+    for module in model.modules():
+        recorder = late_router_declaration(module) if isinstance(module, PreTrainedModel) else None
+        if recorder is None or registry is None:
+            continue
+        declarations = dict(module._can_record_outputs or {})
+        if declarations.get("router_logits") is not None and type(module) not in restore:
+            continue  # declared by this release (Llama 4's MoE block): recorded already
+        cls = type(module)
+        if cls not in restore:
+            restore[cls] = (cls.__dict__.get("_can_record_outputs", _MISSING), registry.get(str(cls), _MISSING))
+            cls._can_record_outputs = registry[str(cls)] = {**declarations, "router_logits": recorder}
+        if not module.__dict__.get("_hf_sara_router_logits_recorded", False):
+            if getattr(module, "_output_capturing_hooks_installed", False):
+                output_capturing.recursively_install_hooks(module, "", [("router_logits", recorder)])
+            else:
+                output_capturing.maybe_install_capturing_hooks(module)
+            module._hf_sara_router_logits_recorded = True
+    try:
+        yield
+    finally:
+        for cls, (attribute, entry) in restore.items():
+            if attribute is _MISSING:
+                del cls._can_record_outputs
+            else:
+                cls._can_record_outputs = attribute
+            if entry is _MISSING:
+                registry.pop(str(cls), None)
+            else:
+                registry[str(cls)] = entry
 
 
 def enable_activation_checkpointing(
