@@ -5,6 +5,8 @@ release that lets it go. Drop one once the oldest supported release is at least 
 - router declarations that transformers added in 5.18 and 5.19 ([`router_declaration`], and their router logits
   recorded for the MoE load-balancing loss: [`late_router_logits_recorded`], until transformers 5.19.0);
 - activation checkpointing under its new name ([`enable_activation_checkpointing`], until transformers 5.23.0);
+- checksums of weights that FSDP's CPU-RAM-efficient loading left as zeros off rank 0 ([`checksum_of_rank_zero`],
+  until transformers 5.23.0);
 - LoRA adapters loaded on MoE models with checkpoint conversion ([`peft_adapter_loading`], until PEFT 0.20.0);
 - the per-token log-probabilities of TRL's fused LM head ([`causal_lm_loss`], until TRL 1.15.0);
 - examples that truncation leaves without a token in the loss ([`rows_kept_by_preparation`], until TRL 1.9.0).
@@ -177,6 +179,26 @@ def supports_every_n_layers() -> bool:
 
     method = getattr(PreTrainedModel, "activation_checkpointing_enable", PreTrainedModel.gradient_checkpointing_enable)
     return "every_n_layers" in inspect.signature(method).parameters or not is_older_than("transformers", "5.16.0")
+
+
+def checksum_of_rank_zero(checksum: str) -> str:
+    """
+    Rank 0's `checksum` of the model's weights, on every rank, when the other ranks may not hold those weights yet.
+
+    Before transformers 5.23.0, under FSDP's CPU-RAM-efficient loading, `from_pretrained` fills the parameters of every
+    rank but each node's first with zeros, which the engine overwrites with rank 0's weights only when it prepares the
+    model (`sync_module_states`): a checksum taken before, on those ranks, would be of the zeros. Every rank must call
+    it; outside that case `checksum` is returned as it is.
+    """
+    if not is_older_than("transformers", "5.23.0") or not torch.distributed.is_initialized():
+        return checksum
+    from transformers.integrations import is_fsdp_enabled
+
+    if torch.distributed.get_world_size() == 1 or not is_fsdp_enabled():
+        return checksum
+    received = [checksum]
+    torch.distributed.broadcast_object_list(received, src=0)
+    return received[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
