@@ -9,6 +9,7 @@ release that lets it go. Drop one once the oldest supported release is at least 
   until transformers 5.23.0);
 - LoRA adapters loaded on MoE models with checkpoint conversion ([`peft_adapter_loading`], until PEFT 0.20.0);
 - the per-token log-probabilities of TRL's fused LM head ([`causal_lm_loss`], until TRL 1.15.0);
+- training arguments under their new names ([`sft_config_arguments`], until transformers 5.23.0 and TRL 1.14.0);
 - examples that truncation leaves without a token in the loss ([`rows_kept_by_preparation`], until TRL 1.9.0).
 
 The TRL work-arounds that need hf_sara's routing facts stay in `hf_sara.training.compat`. This module imports nothing
@@ -260,6 +261,29 @@ def load_peft_adapter(model: nn.Module, adapter: str, **kwargs: Any) -> nn.Modul
 def has_fused_lm_head() -> bool:
     """Whether `SFTTrainer` gives the model TRL's fused LM head (`fused_lm_head=True`): from TRL 1.15.0."""
     return not is_older_than("trl", "1.15.0")
+
+
+def sft_config_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """
+    `SFTConfig` (or [`SARAConfig`]) keyword arguments as the installed transformers and TRL name them:
+
+    - `activation_checkpointing` and `activation_checkpointing_kwargs` are `gradient_checkpointing` and
+      `gradient_checkpointing_kwargs` before transformers 5.23.0;
+    - `router_aux_loss_coef=None` (the coefficient of the model's config) is accepted from TRL 1.14.0; before it, the
+      argument is left out and TRL's default (0.001) applies.
+    """
+    arguments = dict(arguments)
+    if is_older_than("transformers", "5.23.0"):
+        for name in ("activation_checkpointing", "activation_checkpointing_kwargs"):
+            if name in arguments:
+                arguments[name.replace("activation", "gradient")] = arguments.pop(name)
+    if (
+        is_older_than("trl", "1.14.0")
+        and "router_aux_loss_coef" in arguments
+        and arguments["router_aux_loss_coef"] is None
+    ):
+        del arguments["router_aux_loss_coef"]
+    return arguments
 
 
 def causal_lm_loss(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
