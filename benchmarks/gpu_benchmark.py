@@ -450,7 +450,9 @@ class Bench:
             seed=0, use_cpu=not cuda(),
             router_aux_loss_coef=None if arch.aux_loss else 0.0,
         )  # fmt: skip
-        return {**arguments, **extra}
+        from hf_sara.compat import sft_config_arguments
+
+        return sft_config_arguments({**arguments, **extra})
 
     def trainer(self, variant: str, model, arch: Architecture, examples, anchors, batch: int, max_steps: int,
                 callbacks=(), **extra):  # fmt: skip

@@ -23,6 +23,7 @@ from hf_sara import (
     routing_distributions,
     sara_alignment_loss,
 )
+from hf_sara.compat import enable_activation_checkpointing, supports_every_n_layers
 from hf_sara.routing.capture import RoutingCapture
 from hf_sara.routing.deferred import DeferredAlignment
 
@@ -45,8 +46,8 @@ MODES = [None, "non_reentrant", "reentrant"]
 # Every other layer checkpointed: the routers of the others run with autograd in the forward (transformers' other
 # option, `offload=True`, needs pinned memory, which a CPU-only torch has not).
 VARIANTS = {
-    "reentrant_every_2": dict(activation_checkpointing_kwargs={"use_reentrant": True}, every_n_layers=2),
-    "non_reentrant_every_2": dict(activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=2),
+    "reentrant_every_2": dict(checkpointing_kwargs={"use_reentrant": True}, every_n_layers=2),
+    "non_reentrant_every_2": dict(checkpointing_kwargs={"use_reentrant": False}, every_n_layers=2),
 }
 WRAPPERS = {"fsdp_wrapper": CheckpointImpl.NO_REENTRANT, "fsdp_wrapper_reentrant": CheckpointImpl.REENTRANT}
 HAS_ANCHOR = torch.tensor([True, False, True, True])  # one row without an anchor: masked out of the term
@@ -81,9 +82,9 @@ def _model(model_type, checkpointing, lora=False):
             check_fn=lambda module: isinstance(module, layer_class),
         )
     elif checkpointing in VARIANTS:
-        model.activation_checkpointing_enable(**VARIANTS[checkpointing])
+        enable_activation_checkpointing(model, **VARIANTS[checkpointing])
     elif checkpointing is not None:
-        model.activation_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        enable_activation_checkpointing(model, {"use_reentrant": checkpointing == "reentrant"})
     return patch_model(model)
 
 
@@ -131,6 +132,7 @@ def test_torch_checkpoint_wrapper_as_fsdp_applies_it_gets_the_same_gradients(mod
     _assert_same(got, reference)
 
 
+@pytest.mark.skipif(not supports_every_n_layers(), reason="checkpointing every n-th layer needs transformers>=5.16.0")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_checkpointing_every_other_layer_gets_the_same_gradients(variant):
     reference, _ = _term_gradients("qwen3_moe", None, gradient="graph")
@@ -198,7 +200,7 @@ class TestFailures:
         model = tiny_model("qwen3_moe").train()
         config = LoraConfig(r=4, target_modules=["lm_head"], target_parameters=["mlp.gate.weight"])
         model = get_peft_model(model, config)
-        model.activation_checkpointing_enable({"use_reentrant": True})
+        enable_activation_checkpointing(model, {"use_reentrant": True})
         model.disable_input_require_grads()  # PEFT enables them with checkpointing; a model that lacks them
         model = patch_model(model)
         input_ids, attention_mask = _batch()
@@ -227,7 +229,7 @@ class TestFailures:
 
 def test_recomputation_fires_hooks_but_records_nothing():
     model = patch_model(tiny_model("qwen3_moe")).train()
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    enable_activation_checkpointing(model, {"use_reentrant": False})
     sites = find_routers(model)
     fired = []
     for site in sites:
@@ -248,7 +250,7 @@ def _live_tensors():
 @pytest.mark.parametrize("gradient", ["graph", "deferred"])
 def test_captures_do_not_leak_over_training_steps(gradient):
     model = patch_model(tiny_model("qwen3_moe")).train()
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    enable_activation_checkpointing(model, {"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     input_ids, attention_mask = _batch()
     anchors = _anchors(input_ids.shape[0], 4)

@@ -6,6 +6,7 @@ from peft import LoraConfig, get_peft_model
 
 import hf_sara.routing.capture as capture_module
 from hf_sara import capture_routing, patch_model
+from hf_sara.compat import enable_activation_checkpointing
 from hf_sara.routing.capture import activation_checkpointing
 from hf_sara.routing.patching import RouterHook
 
@@ -119,7 +120,7 @@ def test_default_follows_activation_checkpointing():
     assert not activation_checkpointing(model)
     with capture_routing(model, input_ids.shape, attention_mask) as capture:
         assert capture.recompute_router_logits
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    enable_activation_checkpointing(model, {"use_reentrant": False})
     assert activation_checkpointing(model)
     with capture_routing(model, input_ids.shape, attention_mask) as capture:
         assert not capture.recompute_router_logits

@@ -6,11 +6,12 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 from trl import SFTTrainer
 
 from hf_sara import SARATrainer, js_divergence, patch_model, routing_distributions
+from hf_sara.compat import load_peft_adapter
 from hf_sara.training.anchors import ANCHORS_FILE_NAME
 
 from .testing_utils import (
@@ -495,7 +496,7 @@ class TestSaving:
         ids = pairs_tokenizer()("Jua huchomoza wapi? Jua huchomoza mashariki.", return_tensors="pt").input_ids
         with torch.no_grad():
             trained = routing_distributions(trainer.model.eval(), ids)
-            reloaded = patch_model(PeftModel.from_pretrained(pairs_model(), tmp_path).eval())
+            reloaded = patch_model(load_peft_adapter(pairs_model(), tmp_path).eval())
             again = routing_distributions(reloaded, ids)
             base = routing_distributions(patch_model(pairs_model()).eval(), ids)
         torch.testing.assert_close(again, trained, rtol=0, atol=1e-6)
@@ -512,7 +513,8 @@ def test_families_that_trip_sft_trainer_train_and_generate(tmp_path, model_type)
     ).train()
     had_num_experts = hasattr(model.config, "num_experts")
     prefix = model.base_model_prefix
-    output_router_logits = model.config.get_text_config().output_router_logits
+    # DeepSeek-V3's config has no `output_router_logits` before transformers 5.19.
+    output_router_logits = getattr(model.config.get_text_config(), "output_router_logits", None)
     trainer = SARATrainer(
         model=model, args=sara_config(tmp_path, max_steps=2), train_dataset=load_pairs(), processing_class=tokenizer
     )
@@ -520,7 +522,8 @@ def test_families_that_trip_sft_trainer_train_and_generate(tmp_path, model_type)
     assert trainer.state.log_history[0]["sara/js"] > 0
     assert hasattr(model.config, "num_experts") == had_num_experts
     assert model.base_model_prefix == prefix
-    assert model.config.get_text_config().output_router_logits == output_router_logits  # TRL leaves it True
+    # TRL leaves it True
+    assert getattr(model.config.get_text_config(), "output_router_logits", None) == output_router_logits
     ids = tokenizer("Jua huchomoza wapi?", return_tensors="pt").input_ids
     assert model.eval().generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
 

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils.output_capturing import OutputRecorder
 
+from ..compat import router_declaration
 from .families import FALLBACK_ROUTER_NAMES, SOFTMAX, num_experts, scoring_function
 
 # Path parts that PEFT inserts around a wrapped module; the hook goes on the outermost wrapper, whose output is the
@@ -81,8 +82,7 @@ def _declared_routers(model: nn.Module) -> list[tuple[str, int, str]]:
     def visit(module: nn.Module, name: str, recorders: list[OutputRecorder], config: Any) -> None:
         if isinstance(module, PreTrainedModel):
             # As in transformers, a sub-model's children follow that sub-model's own declaration.
-            declarations = getattr(module, "_can_record_outputs", None) or {}
-            recorders = _as_recorders(declarations.get("router_logits"))
+            recorders = _as_recorders(router_declaration(module))
             config = module.config
         for recorder in recorders:
             if _matches(recorder, module, name):
@@ -195,7 +195,7 @@ def no_router_error(model: nn.Module) -> ValueError:
         {
             type(m).__name__
             for m in model.modules()
-            if isinstance(m, PreTrainedModel) and (getattr(m, "_can_record_outputs", None) or {}).get("router_logits")
+            if isinstance(m, PreTrainedModel) and router_declaration(m) is not None
         }
     )
     looked_for = (

@@ -9,6 +9,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..compat import load_peft_adapter
 from ..files.names import safe_file_name
 from ..routing.patching import patch_model
 from ..training.paired_data import LANGUAGE_COLUMN, detect_paired_format
@@ -74,9 +75,7 @@ def compare_routing(
     model = patch_model(model)
     reports = {"base" if adapter else "model": analyze_routing(model, tokenizer, dataset, batch_size, max_length)}
     if adapter:
-        from peft import PeftModel
-
-        adapted = patch_model(PeftModel.from_pretrained(model, adapter))
+        adapted = patch_model(load_peft_adapter(model, adapter))
         reports["adapter"] = analyze_routing(adapted, tokenizer, dataset, batch_size, max_length)
     return reports
 

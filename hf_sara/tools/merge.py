@@ -15,6 +15,7 @@ from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict, load_pef
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.utils import logging
 
+from ..compat import load_peft_adapter
 from ..files.atomic import atomic_directory, check_output_directory
 from ..training.model_card import SARA_SETTINGS_HEADING, sara_settings_section
 from .loading import load_tokenizer_with_source, parse_dtype
@@ -514,7 +515,7 @@ def merge_adapter(
     model = AutoModelForCausalLM.from_pretrained(
         base_model, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
     )
-    adapted = PeftModel.from_pretrained(model, adapter)
+    adapted = load_peft_adapter(model, adapter)
     _untie_adapted_embeddings(adapted)
     lora_modules, lora_parameters, modules_to_save = _count_adapted(adapted)
     merged = adapted.merge_and_unload(safe_merge=True)  # the config stays the base's (`output_router_logits` too)

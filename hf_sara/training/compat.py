@@ -1,7 +1,8 @@
 """Work-arounds for what transformers and TRL get wrong when they train MoE models, each applied only where it is
 needed and named with the release it was last seen in: drop one once the oldest supported release has the fix.
 
-- TRL's fused LM head on some families ([`sft_trainer_compatibility`]);
+- TRL's fused LM head on some families, and the router logits that older transformers does not record for the
+  load-balancing loss ([`sft_trainer_compatibility`]);
 - `output_router_logits` left on by `SFTTrainer` after training ([`restore_output_router_logits`]);
 - resumed checkpoints loaded without transformers' weight conversion ([`load_checkpoint_with_conversion`]);
 - whether `Trainer` divides a loss by the accumulation steps, as each transformers release decides it
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
+from ..compat import late_router_logits_recorded
 from ..files.checkpoints import checkpoint_weight_names
 from ..routing.families import num_experts
 
@@ -40,6 +42,9 @@ def sft_trainer_compatibility(model: nn.Module) -> Iterator[None]:
     - It finds the backbone through `base_model_prefix`, which `Llama4ForCausalLM` declares as `language_model`
       while its backbone is `model` (`... has no attribute 'last_hidden_state'`): the instance's prefix is pointed
       at `model`.
+
+    Also records, for the load-balancing loss, the router logits of the families whose routers transformers declares
+    only from 5.18.0/5.19.0 ([`~hf_sara.compat.late_router_logits_recorded`]).
     """
     causal_lm = _causal_lm(model)
     text_config = causal_lm.config.get_text_config()
@@ -54,7 +59,8 @@ def sft_trainer_compatibility(model: nn.Module) -> Iterator[None]:
         causal_lm.base_model_prefix = "model"
         replaced_prefix = True
     try:
-        yield
+        with late_router_logits_recorded(causal_lm):
+            yield
     finally:
         if added_num_experts:
             del text_config.num_experts

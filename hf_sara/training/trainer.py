@@ -13,6 +13,7 @@ from transformers.utils import logging
 from trl import SFTTrainer
 from trl.data_utils import pack_dataset
 
+from ..compat import causal_lm_loss, rows_kept_by_preparation
 from .compat import output_router_logits_of, restore_output_router_logits, sft_trainer_compatibility
 from .config import SARAConfig
 from .mixin import SARAMixin
@@ -155,7 +156,7 @@ class SARATrainer(SARAMixin, SFTTrainer):
 
     @staticmethod
     def _check_nothing_dropped(before: Dataset, after: Dataset, offset: int, dataset_name: str, what: str, args):
-        dropped = sorted(set(before[ROW_COLUMN]) - set(after[ROW_COLUMN]))
+        dropped = sorted(set(before[ROW_COLUMN]) - rows_kept_by_preparation(after, ROW_COLUMN, args.max_length))
         if dropped:
             rows = [row - offset for row in dropped]
             raise ValueError(
@@ -187,9 +188,9 @@ class SARATrainer(SARAMixin, SFTTrainer):
     # ----------------------------------------------------------------------------------------------------------------
 
     def _anchor_sft_loss(self, model: nn.Module, anchor_inputs: dict[str, Any]):
-        # Through TRL's fused LM head, like the examples' SFT loss: the mean over the anchors' label tokens.
-        outputs = model(**anchor_inputs, use_cache=False, fused_lm_head=True)
-        return -outputs.log_probs.sum() / outputs.label_mask.sum().clamp(min=1)
+        # As SFTTrainer computes the examples' loss (TRL's fused LM head where it has one): the mean over the anchors'
+        # label tokens.
+        return causal_lm_loss(model, anchor_inputs)
 
     def train(self, *args, **kwargs):
         with (

@@ -86,9 +86,9 @@ def main() -> None:
     )
     model = AutoModelForCausalLM.from_pretrained(options.model_dir)  # after the arguments, as `hf-sara train` does
     if options.lora:
-        from peft import PeftModel
+        from hf_sara.compat import load_peft_adapter
 
-        model = PeftModel.from_pretrained(model, options.lora, is_trainable=True)
+        model = load_peft_adapter(model, options.lora, is_trainable=True)
     rows = [int(row) for row in options.without_anchors.split(",") if row]
     dataset = without_anchors(load_pairs(), rows) if rows else load_pairs()
     tokenizer = pairs_tokenizer()

@@ -233,9 +233,9 @@ def _evaluate_and_report(model_name, adapter, sources, output_dir, tasks_dir, ta
     label = "base" if adapter else "model"
     scores[label], summaries[label] = evaluate(label, model, model_name)
     if adapter:
-        from peft import PeftModel
+        from ...compat import load_peft_adapter
 
-        adapted = PeftModel.from_pretrained(model, adapter).eval()
+        adapted = load_peft_adapter(model, adapter).eval()
         scores["adapter"], summaries["adapter"] = evaluate("adapter", adapted, model_name, adapter)
     paths = write_into(output_dir, lambda staging: write_eval_report(scores, staging, summaries))
     return scores, paths

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from torch import nn
 
+from ...compat import checksum_of_rank_zero
 from ...distributed import full_parameters
 from ...routing.discovery import PEFT_ADDED_PARAMETER_PARTS
 from ...routing.families import num_experts
@@ -38,7 +39,7 @@ def router_checksum(model: nn.Module) -> str:
         for (name, _), value in zip(named, values, strict=True):
             digest.update(name.encode())
             digest.update(value.float().cpu().numpy().tobytes())
-    return digest.hexdigest()
+    return checksum_of_rank_zero(digest.hexdigest())
 
 
 def anchor_tokens_digest(rows: Dataset, pooling: str, offset: int = 0) -> str:
