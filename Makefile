@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The oldest supported dependency set (setup.cfg's lower bounds), for the whole suite a second time.
+FLOOR_VENV := .venv-floor
+FLOOR_BIN := $(FLOOR_VENV)/bin
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
 # Axolotl's pinned environment, for the Axolotl plugin's tests.
 AXOLOTL_VENV := .venv-axolotl
 AXOLOTL_BIN := $(AXOLOTL_VENV)/bin
@@ -10,7 +14,7 @@ AXOLOTL_STAMP := $(AXOLOTL_VENV)/.installed
 # Where torch's CPU build comes from, e.g. TORCH_PIP_FLAGS="--index-url <a CPU wheel index>".
 TORCH_PIP_FLAGS ?=
 
-.PHONY: setup demo test test-axolotl lint families-table clean
+.PHONY: setup demo test test-floor test-axolotl lint families-table clean
 
 $(STAMP): setup.cfg pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +24,16 @@ $(STAMP): setup.cfg pyproject.toml requirements-dev.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The floor set pinned, then hf_sara with its dependencies in the same environment: pip refuses if its lower bounds
+# do not admit the floor set.
+$(FLOOR_STAMP): setup.cfg pyproject.toml requirements-floor.txt
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_BIN)/python -m pip install --quiet --upgrade pip
+	DS_BUILD_OPS=0 $(FLOOR_BIN)/python -m pip install --quiet -r requirements-floor.txt
+	$(FLOOR_BIN)/python -m pip install --quiet -e .
+	$(FLOOR_BIN)/python -m pip check
+	touch $(FLOOR_STAMP)
 
 # torch first (a CPU build), then Axolotl and hf_sara in one resolution, with hf_sara's dependencies: pip refuses if
 # hf_sara's requirements cannot stand beside Axolotl's pins.
@@ -37,6 +51,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
+test-floor: $(FLOOR_STAMP)
+	HF_HUB_OFFLINE=1 $(FLOOR_BIN)/python -m pytest -q tests
+
 test-axolotl: $(AXOLOTL_STAMP)
 	HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 $(AXOLOTL_BIN)/python -m pytest -q tests/integrations tests/test_mixin.py
 
@@ -48,4 +65,4 @@ families-table: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python utils/families_table.py --write README.md
 
 clean:
-	rm -rf $(VENV) $(AXOLOTL_VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR_VENV) $(AXOLOTL_VENV) build dist *.egg-info .pytest_cache .ruff_cache
