@@ -230,3 +230,25 @@ def test_a_trainer_s_row_collator_collates_the_anchors(tmp_path):
     )
     _, logs = _train(online)
     assert rows.rows > 0 and "sara/js" in logs
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    def run(output_dir, resume=None):
+        arguments = dict(max_steps=4, save_strategy="steps", save_steps=2, optim="sgd", learning_rate=0.5)
+        trainer = SARATokenizedTrainer(
+            model=pairs_model(),
+            args=plain_arguments(output_dir, **arguments, sara_warmup_ratio=0.5),
+            train_dataset=tokenized_pairs(),
+            data_collator=collator(),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    def after_step_2(trainer, key):
+        return [entry[key] for entry in trainer.state.log_history if key in entry and entry["step"] > 2]
+
+    full = run(tmp_path / "full")
+    resumed = run(tmp_path / "full", resume=str(tmp_path / "full" / "checkpoint-2"))  # with the first run's anchors
+    assert len(after_step_2(full, "loss")) == 2
+    assert after_step_2(resumed, "loss") == pytest.approx(after_step_2(full, "loss"), abs=1e-6)
+    assert after_step_2(resumed, "sara/js") == pytest.approx(after_step_2(full, "sara/js"), rel=1e-2)
