@@ -252,3 +252,20 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert len(after_step_2(full, "loss")) == 2
     assert after_step_2(resumed, "loss") == pytest.approx(after_step_2(full, "loss"), abs=1e-6)
     assert after_step_2(resumed, "sara/js") == pytest.approx(after_step_2(full, "sara/js"), rel=1e-2)
+
+
+def test_padding_free_batches_of_the_plain_trainer_align_like_padded_ones(tmp_path):
+    from transformers import DataCollatorWithFlattening
+
+    def first_logs(name, data_collator):
+        trainer = SARATokenizedTrainer(
+            model=pairs_model(),
+            args=plain_arguments(tmp_path / name, **STEP, sara_pooling="completion"),
+            train_dataset=tokenized_pairs(),
+            data_collator=data_collator,
+        )
+        return _train(trainer)[1]
+
+    padded = first_logs("padded", collator())
+    flattened = first_logs("flattened", DataCollatorWithFlattening())
+    assert flattened["sara/js"] == pytest.approx(padded["sara/js"], rel=1e-4)

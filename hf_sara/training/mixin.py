@@ -191,7 +191,8 @@ class SARAMixin:
 
     def _sara_padding_free(self) -> bool:
         """Whether the trainer's collator concatenates a batch's sequences into one row."""
-        return bool(getattr(self, "padding_free", False)) or isinstance(self.data_collator, DataCollatorWithFlattening)
+        collator = getattr(self, "_sara_base_collator", None) or self.data_collator  # the trainer's own, once wrapped
+        return bool(getattr(self, "padding_free", False)) or isinstance(collator, DataCollatorWithFlattening)
 
     def _check_pooled_tokens(self, chunk_size: int = 256) -> None:
         """
